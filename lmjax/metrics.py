@@ -1,0 +1,104 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, and the FLOP/s peaks behind MFU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets; no sparsity).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+_cpu_peak_cache: dict = {}
+
+
+def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+  """CPU has no datasheet peak: use the best float32 matmul rate of this machine (all cores)."""
+  if "peak" not in _cpu_peak_cache:
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(x).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    _cpu_peak_cache["peak"] = 2 * n**3 / best
+  return _cpu_peak_cache["peak"]
+
+
+def peak_flops_per_device(device) -> float:
+  kind = getattr(device, "device_kind", "") or ""
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # longest match first: "TPU v5 lite"
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name]
+  if device.platform == "cpu":
+    return measured_cpu_peak()
+  return float("nan")  # unknown accelerator: MFU is reported as NaN rather than guessed
+
+
+class MetricsWriter:
+  """Appends one JSON object a line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
+
+  Only the writing process (process 0) writes; the others get a writer that does nothing.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enabled and tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
+
+  def write(self, step: int, split: str, **scalars) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split}
+    record.update({k: _plain(v) for k, v in scalars.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "split") and isinstance(v, (int, float)):
+          self._tb.add_scalar(f"{split}/{k}", v, int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def _plain(v):
+  if isinstance(v, (np.generic, np.ndarray)):
+    v = v.item()
+  if hasattr(v, "item") and getattr(v, "size", 2) == 1:
+    v = v.item()
+  return v
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,288 @@
+"""The Transformer: GPT-2 style and LLaMA style decoders in one linen module, chosen by config.
+
+Shape letters in names:
+  B batch, T query length, S key/value length (the cache in decoding), D d_model,
+  N query heads, K key/value heads, G = N // K, H head dim, F mlp hidden, V vocabulary, L layers.
+
+Every parameter carries logical axis names (vocab, embed, heads, kv_heads, kv, mlp, norm, layers) and
+the main activations are constrained to (batch, length, act_*); `sharding.py` maps them to the mesh.
+Decoding uses the 'cache' collection: call with decode=True and mutable=["cache"].
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  style: str = "gpt2"
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  mlp_dim: int = 256
+  vocab_size: int = 256
+  max_len: int = 128
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  dropout: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"
+  attention: str = "xla"
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in cfg.model.to_dict().items() if k in names})
+
+  @property
+  def llama(self) -> bool:
+    return self.style == "llama"
+
+
+def _init(std: float, names: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def _constrain(x, names: tuple):
+  return nn.with_logical_constraint(x, names)
+
+
+class Norm(nn.Module):
+  """LayerNorm (GPT-2) or RMSNorm (LLaMA), computed in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    c = self.cfg
+    pdt = DTYPES[c.param_dtype]
+    x = x_BTD.astype(jnp.float32)
+    if c.llama:
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.norm_eps)
+    else:
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+      x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + c.norm_eps)
+    x = x * self.param("scale", _ones(("norm",)), (c.d_model,), pdt)
+    if not c.llama:
+      x = x + self.param("bias", _zeros(("norm",)), (c.d_model,), pdt)
+    return x.astype(DTYPES[c.dtype])
+
+
+def rope(x_BTNH, positions_BT, theta: float):
+  """Rotary embeddings, rotate-half convention (as in Hugging Face Llama checkpoints)."""
+  h = x_BTNH.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
+  x = x_BTNH.astype(jnp.float32)
+  rotated = jnp.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
+  return (x * cos + rotated * sin).astype(x_BTNH.dtype)
+
+
+class Projection(nn.Module):
+  """A matmul with a kernel of any rank (so every axis has its logical name) and optional bias."""
+  shape: tuple
+  axes: tuple
+  equation: str
+  std: float
+  bias: bool
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    dt, pdt = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
+    kernel = self.param("kernel", _init(self.std, self.axes), self.shape, pdt)
+    y = jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+    if self.bias:
+      out_rank = len(self.equation.split("->")[1]) - 2  # features after B, T
+      bias_shape, bias_axes = self.shape[-out_rank:], self.axes[-out_rank:]
+      if bias_axes == ("embed",):
+        bias_axes = ("norm",)  # output biases are tiny: replicate
+      y = y + self.param("bias", _zeros(bias_axes), bias_shape, pdt).astype(dt)
+    return y
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None):
+    c = self.cfg
+    dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    out_std = c.init_std / math.sqrt(2 * c.num_layers)
+
+    def proj(name, heads, axis):
+      return Projection((c.d_model, heads, c.head_dim), ("embed", axis, "kv"), "BTD,DNH->BTNH",
+                        c.init_std, bias=not c.llama, cfg=c, name=name)(x_BTD)
+
+    q_BTNH = proj("query", c.num_heads, "heads")
+    k_BTKH = proj("key", c.num_kv_heads, "kv_heads")
+    v_BTKH = proj("value", c.num_kv_heads, "kv_heads")
+    if c.llama:
+      q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
+      k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
+    q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "kv"))
+
+    if self.decode:
+      out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, kv_mask_BS)
+    else:
+      impl = None if c.attention == "auto" else c.attention
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
+                                              implementation=impl)
+    out_BTNH = _constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
+    return Projection((c.num_heads, c.head_dim, c.d_model), ("heads", "kv", "embed"),
+                      "BTNH,NHD->BTD", out_std, bias=not c.llama, cfg=c, name="out")(out_BTNH)
+
+  def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH, kv_mask_BS):
+    """Writes this call's keys/values at the cache index, attends over the whole cache."""
+    b, t = q_BTNH.shape[:2]
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BTKH.shape, k_BTKH.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BTKH.shape, v_BTKH.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if self.is_initializing():  # the init call only sizes the cache: [B, S, K, H]
+      return jnp.zeros_like(q_BTNH)
+    i = index.value
+    k_BSKH = jax.lax.dynamic_update_slice(cached_k.value, k_BTKH, (0, i, 0, 0))
+    v_BSKH = jax.lax.dynamic_update_slice(cached_v.value, v_BTKH, (0, i, 0, 0))
+    cached_k.value, cached_v.value, index.value = k_BSKH, v_BSKH, i + t
+    s = k_BSKH.shape[1]
+    causal_TS = jnp.arange(s)[None, :] <= (i + jnp.arange(t))[:, None]
+    mask_BTS = causal_TS[None] & kv_mask_BS[:, None, :].astype(bool)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None])
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    c = self.cfg
+    dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    out_std = c.init_std / math.sqrt(2 * c.num_layers)
+
+    def dense(name, features, axes, std):
+      return nn.Dense(features, use_bias=not c.llama, dtype=dt, param_dtype=pdt,
+                      kernel_init=_init(std, axes), bias_init=_zeros(axes[-1:]), name=name)
+
+    if c.llama:  # SwiGLU
+      h_BTF = nn.silu(dense("gate", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BTD))
+      h_BTF = h_BTF * dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BTD)
+    else:
+      h_BTF = nn.gelu(dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BTD), approximate=True)
+    h_BTF = _constrain(h_BTF, ("batch", "length", "act_mlp"))
+    return nn.Dense(c.d_model, use_bias=not c.llama, dtype=dt, param_dtype=pdt,
+                    kernel_init=_init(out_std, ("mlp", "embed")), bias_init=_zeros(("norm",)),
+                    name="down")(h_BTF)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None):
+    c = self.cfg
+    drop = nn.Dropout(c.dropout, deterministic=self.deterministic or c.dropout == 0)
+    h = Attention(c, self.decode, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT,
+                                               kv_mask_BS)
+    x_BTD = x_BTD + drop(h)
+    x_BTD = x_BTD + drop(Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD)))
+    return _constrain(x_BTD, ("batch", "length", "act_embed"))
+
+
+class ScanBlock(Block):
+  """Block with the (carry, xs) -> (carry, ys) signature that nn.scan needs."""
+
+  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None):
+    return super().__call__(x_BTD, positions_BT, kv_mask_BS), None
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """tokens [B, T] -> logits [B, T, V] (float32)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT=None, kv_mask_BS=None, *, decode=False,
+               deterministic=True):
+    c = self.cfg
+    dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=pdt,
+                     embedding_init=_init(c.init_std, ("vocab", "embed")), name="embed")
+    x_BTD = embed(tokens_BT)
+    if not c.llama:
+      pos_LD = self.param("pos_embed", _init(c.init_std / 2, ("length", "embed")),
+                          (c.max_len, c.d_model), pdt)
+      x_BTD = x_BTD + jnp.take(pos_LD, positions_BT, axis=0).astype(dt)
+    x_BTD = nn.Dropout(c.dropout, deterministic=deterministic or c.dropout == 0)(x_BTD)
+    x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
+
+    block = ScanBlock if c.scan_layers else Block
+    if c.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      layers = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+                       split_rngs={"params": True, "dropout": True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, _ = layers(c, decode, deterministic, name="layers")(x_BTD, positions_BT, kv_mask_BS)
+    else:
+      for i in range(c.num_layers):
+        x_BTD = block(c, decode, deterministic, name=f"layer_{i}")(x_BTD, positions_BT, kv_mask_BS)
+
+    x_BTD = Norm(c, name="final_norm")(x_BTD)
+    if c.tie_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
+                            kernel_init=_init(c.init_std, ("embed", "vocab")), name="head")(x_BTD)
+    logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
+    return logits_BTV.astype(jnp.float32)
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(c: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 * (matmul params) + 12 * L * T * N * H (attention scores and
+  values, forward + backward, causal mask not discounted: the PaLM / nanoGPT convention).
+
+  Matmul params exclude the position table (a lookup) and count the output projection to the
+  vocabulary once, whether or not it is tied to the input embedding (the input lookup is free).
+  """
+  attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+  mlp = c.d_model * c.mlp_dim * (3 if c.llama else 2)
+  matmul_params = c.num_layers * (attn + mlp) + c.d_model * c.vocab_size
+  return 6.0 * matmul_params + 12.0 * c.num_layers * seq_len * c.num_heads * c.head_dim

@@ -1,0 +1,346 @@
+"""TrainState, the pure train step, and the loop around it.
+
+The math of one step is `train_step`; everything stateful (data iterators, writers, the checkpoint
+manager, signal handling) lives in `train`, outside the jitted function.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
+from lmjax import data as data_lib
+from lmjax import metrics as metrics_lib
+from lmjax import sharding as sharding_lib
+from lmjax.model import ModelConfig, Transformer, count_params, flops_per_token
+from lmjax.optim import learning_rate_schedule, make_optimizer
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (diverged loss); the message says what was kept."""
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # completed optimizer steps
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key: split every step, so it is part of the checkpoint
+
+
+def next_token_loss(model: Transformer, params, tokens_BT1, rng, deterministic: bool = True):
+  """Sum of next-token cross-entropy over the batch, and the number of predicted tokens."""
+  inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+  logits_BTV = model.apply({"params": params}, inputs_BT, deterministic=deterministic,
+                           rngs={"dropout": rng})
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  return nll_BT.sum(), jnp.asarray(nll_BT.size, jnp.float32)
+
+
+def make_train_step(model: Transformer, optimizer, schedule, accumulation_steps: int = 1):
+
+  def train_step(state: TrainState, tokens_BT1):
+    rng, step_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(
+        lambda p, toks, r: next_token_loss(model, p, toks, r, deterministic=False), has_aux=True)
+
+    def micro_step(carry, xs):  # sums, so that accumulated == large batch exactly
+      grad_sum, loss_sum, count = carry
+      toks, i = xs
+      (loss, n), grads = grad_fn(state.params, toks, jax.random.fold_in(step_rng, i))
+      grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+      return (grad_sum, loss_sum + loss, count + n), None
+
+    a = accumulation_steps
+    b = tokens_BT1.shape[0]
+    # rows j, j+A, j+2A, ... form micro-batch j: slicing the unsharded axis keeps every
+    # micro-batch spread over all devices with no communication.
+    micro_ABT1 = tokens_BT1.reshape(b // a, a, -1).swapaxes(0, 1)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (grad_sum, loss_sum, count), _ = jax.lax.scan(
+        micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        (micro_ABT1, jnp.arange(a)))
+    grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step)}
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  return train_step
+
+
+def make_eval_step(model: Transformer):
+
+  def eval_step(params, tokens_BT1):
+    return next_token_loss(model, params, tokens_BT1, jax.random.PRNGKey(0), deterministic=True)
+
+  return eval_step
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config that the loop, eval, bench and generate share."""
+  cfg: Any
+  mesh: Any
+  rules: tuple
+  model: Transformer
+  optimizer: Any
+  schedule: Any
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+  state_shardings: TrainState
+  batch_sharding: Any
+  init_fn: Any  # jitted: () -> TrainState, placed on the mesh
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and logical rules for tracing (activation sharding constraints)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  @property
+  def num_params(self) -> int:
+    return count_params(self.abstract_state.params)
+
+
+def build(cfg, devices=None) -> Setup:
+  mesh = sharding_lib.make_mesh(cfg, devices)
+  rules = sharding_lib.logical_rules(cfg)
+  model = Transformer(ModelConfig.from_config(cfg))
+  optimizer = make_optimizer(cfg)
+  schedule = learning_rate_schedule(cfg)
+  dummy_BT = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+
+  def init_fn():
+    key = jax.random.PRNGKey(cfg.train.seed)
+    params = nn.unbox(model.init(key, dummy_BT)["params"])
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                      jax.random.fold_in(key, 1))
+
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_BT)["params"])
+  param_shardings = sharding_lib.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = jax.eval_shape(init_fn)
+  sharding_lib.check_divisible(abstract.params, param_shardings)
+  pairs = jax.tree_util.tree_map(lambda x, s: (x.shape, s.spec), abstract.params, param_shardings)
+  opt_specs = sharding_lib.spec_for_like(pairs, abstract.opt_state)
+  replicated = sharding_lib.replicated(mesh)
+  state_shardings = TrainState(
+      replicated, param_shardings,
+      jax.tree_util.tree_map(lambda s: jax.sharding.NamedSharding(mesh, s), opt_specs), replicated)
+  sharding_lib.check_divisible(abstract.opt_state, state_shardings.opt_state, "optimizer state")
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  n_batch_shards = math.prod(mesh.shape[a] for a in (batch_sharding.spec[0] or ()))
+  if cfg.train.batch_size % (n_batch_shards * cfg.optim.accumulation_steps):
+    raise config_lib.ConfigError(
+        f"train.batch_size={cfg.train.batch_size} must be divisible by the {n_batch_shards} batch "
+        f"shards of the mesh times optim.accumulation_steps={cfg.optim.accumulation_steps}.")
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    jit_init = jax.jit(init_fn, out_shardings=state_shardings)
+  return Setup(cfg, mesh, rules, model, optimizer, schedule,
+               ckpt_lib.abstract_with_shardings(abstract, state_shardings), state_shardings,
+               batch_sharding, jit_init)
+
+
+def compile_steps(setup: Setup):
+  a = setup.cfg.optim.accumulation_steps
+  train_step = jax.jit(make_train_step(setup.model, setup.optimizer, setup.schedule, a),
+                       in_shardings=(setup.state_shardings, setup.batch_sharding),
+                       out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(setup.model),
+                      in_shardings=(setup.state_shardings.params, setup.batch_sharding))
+  return train_step, eval_step
+
+
+def evaluate(setup: Setup, eval_step, params, batches) -> dict:
+  """Mean loss over `batches` (an iterable of local batches), perplexity."""
+  loss_sum, count = 0.0, 0.0
+  with setup.context():
+    for local in batches:
+      s, n = eval_step(params, sharding_lib.put_batch(local, setup.batch_sharding))
+      loss_sum, count = loss_sum + float(s), count + float(n)
+  loss = loss_sum / max(count, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+
+class _StopRequest:
+  """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly."""
+
+  def __init__(self):
+    self.requested = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.requested = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def prepare_workdir(cfg, workdir: str) -> None:
+  """Refuses a workdir that holds another model, before anything is written."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = config_lib.from_json(f.read())
+    config_lib.check_same_model(saved, cfg, workdir)
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def train(cfg, workdir: str, progress: bool = True) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last train and val metrics."""
+  prepare_workdir(cfg, workdir)
+  setup = build(cfg)
+  train_step, eval_step = compile_steps(setup)
+  is_writer = jax.process_index() == 0
+  pi, pc = jax.process_index(), jax.process_count()
+  train_iter = data_lib.make_iterator(cfg, workdir, "train", pi, pc)
+  checkpointer = ckpt_lib.Checkpointer(workdir, cfg.train.keep_checkpoints)
+
+  start = checkpointer.latest_step()
+  if start is not None:
+    state, data_state = checkpointer.restore(start, setup.abstract_state)
+    if data_state:
+      train_iter.set_state(data_state)
+    _log(f"Resuming from step {start} in {workdir}.")
+  else:
+    state, start = setup.init_fn(), 0
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+
+  model_cfg = setup.model.cfg
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  flops_per_step = flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step
+  devices = setup.mesh.devices.flatten()
+  peak = metrics_lib.peak_flops_per_device(devices[0])
+  peak_total = peak if devices[0].platform == "cpu" else peak * len(devices)
+  _log(f"Model: {setup.num_params / 1e6:.2f}M params ({model_cfg.style}, {model_cfg.num_layers} "
+       f"layers, d_model {model_cfg.d_model}); mesh {dict(setup.mesh.shape)} on {len(devices)} "
+       f"{devices[0].platform} device(s); {tokens_per_step} tokens/step.")
+
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_writer)
+  bar = None
+  if progress and is_writer:
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+  def run_eval(step, params):
+    val_iter = data_lib.make_iterator(cfg, workdir, "val", pi, pc)
+    batches = (next(val_iter) for _ in range(cfg.train.eval_batches))
+    result = evaluate(setup, eval_step, params, batches)
+    bpt = getattr(data_lib, "bytes_per_token", lambda *a: None)(cfg, workdir, "val")  # TODO(data)
+    if bpt:
+      result["bits_per_byte"] = result["loss"] / math.log(2) / bpt
+    writer.write(step, "val", **result)
+    return result
+
+  last_train, last_val, stopped_by = {}, {}, None
+  pending = None  # (step, metrics) of the previous step, checked one step late to keep async
+  interval_start, interval_steps = None, 0
+
+  def check_finite(step, metrics):
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+      checkpointer.wait()
+      kept = checkpointer.latest_step()
+      raise TrainingError(
+          f"Loss became {loss} at step {step}: training diverged. Nothing after it was saved; the "
+          f"last good checkpoint is step {kept} in {ckpt_lib.checkpoint_dir(workdir)}. Lower "
+          "optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun.")
+
+  try:
+    with _StopRequest() as stop, setup.context():
+      for step in range(start, cfg.train.steps):
+        batch = sharding_lib.put_batch(next(train_iter), setup.batch_sharding)
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        if pending is not None:
+          check_finite(*pending)
+        pending = (done, metrics)
+        if interval_start is None:  # the first step compiles: time from its end
+          jax.block_until_ready(metrics)
+          interval_start, interval_steps = time.perf_counter(), 0
+        else:
+          interval_steps += 1
+
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+          metrics = jax.device_get(metrics)
+          check_finite(done, metrics)
+          now = time.perf_counter()
+          elapsed = now - interval_start
+          record = {k: float(v) for k, v in metrics.items()}
+          if interval_steps:
+            step_time = elapsed / interval_steps
+            record.update(step_time=step_time, tokens_per_second=tokens_per_step / step_time,
+                          mfu=flops_per_step / step_time / peak_total)
+          writer.write(done, "train", **record)
+          last_train = record
+          interval_start, interval_steps = now, 0
+          if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}",
+                            tok_s=f"{record.get('tokens_per_second', 0):.0f}")
+        if bar is not None:
+          bar.update(1)
+
+        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+          last_val = run_eval(done, state.params)
+          if bar is not None:
+            bar.write(f"step {done}: val loss {last_val['loss']:.4f}" +
+                      (f", bits/byte {last_val['bits_per_byte']:.4f}"
+                       if "bits_per_byte" in last_val else ""))
+          interval_start, interval_steps = time.perf_counter(), 0
+        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
+          check_finite(*pending)
+          checkpointer.save(done, state, train_iter.get_state(), force=True)
+          interval_start, interval_steps = time.perf_counter(), 0
+        if stop.requested:
+          stopped_by = stop.requested
+          break
+      if pending is not None:
+        check_finite(*pending)
+  finally:
+    checkpointer.close()  # waits for async saves to finish
+    writer.close()
+    if bar is not None:
+      bar.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+
+  final_step = int(jax.device_get(state.step))
+  if stopped_by:
+    _log(f"Stopped by {stopped_by} at step {final_step}; checkpoint saved. Rerun the same command "
+         "to resume.")
+  elif start >= cfg.train.steps:
+    _log(f"{workdir} already finished {start} of {cfg.train.steps} steps; raise "
+         "--config.train.steps to train further.")
+  return {"step": final_step, "train": last_train, "val": last_val, "stopped_by": stopped_by,
+          "state": state, "setup": setup}
