@@ -123,7 +123,8 @@ def _flat_keys(cfg: ConfigDict, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(key: str, valid: Sequence[str], where: str) -> ConfigError:
-  close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+  leaves = [v for v in valid if "." in v]  # suggest keys, not section names
+  close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.5)
   hint = f" Did you mean: {', '.join(close)}?" if close else ""
   return ConfigError(f"Unknown config key '{key}' ({where}).{hint} "
                      f"Run `lmjax config --config=...` to list every key.")
@@ -278,10 +279,10 @@ def to_json(cfg: ConfigDict) -> str:
 
 
 def from_json(text: str) -> ConfigDict:
-  def fix(d):  # JSON turns tuples into lists; rules are tuples of pairs
-    return {k: fix(v) if isinstance(v, dict) else
-            (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
-            for k, v in d.items()}
+  def fix(v):  # JSON turns tuples (mesh.rules) into lists
+    if isinstance(v, dict):
+      return {k: fix(x) for k, x in v.items()}
+    return tuple(fix(x) for x in v) if isinstance(v, list) else v
   return ConfigDict(fix(json.loads(text)))
 
 

@@ -23,6 +23,7 @@ from flax import struct
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import data as data_lib
+from lmjax import evaluate as evaluate_lib
 from lmjax import metrics as metrics_lib
 from lmjax import sharding as sharding_lib
 from lmjax.model import ModelConfig, Transformer, count_params, flops_per_token
@@ -76,7 +77,7 @@ def make_train_step(model: Transformer, optimizer, schedule, accumulation_steps:
     grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
@@ -164,17 +165,6 @@ def compile_steps(setup: Setup):
   return train_step, eval_step
 
 
-def evaluate(setup: Setup, eval_step, params, batches) -> dict:
-  """Mean loss over `batches` (an iterable of local batches), perplexity."""
-  loss_sum, count = 0.0, 0.0
-  with setup.context():
-    for local in batches:
-      s, n = eval_step(params, sharding_lib.put_batch(local, setup.batch_sharding))
-      loss_sum, count = loss_sum + float(s), count + float(n)
-  loss = loss_sum / max(count, 1.0)
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
-
-
 class _StopRequest:
   """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly."""
 
@@ -214,8 +204,12 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def train(cfg, workdir: str, progress: bool = True) -> dict:
-  """Trains (or resumes) in `workdir`; returns the last train and val metrics."""
+def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = None) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last train and val metrics.
+
+  `stop_at_step` ends this invocation early (with a checkpoint) as a preemption would, keeping
+  the schedule of the full `train.steps`.
+  """
   prepare_workdir(cfg, workdir)
   setup = build(cfg)
   train_step, eval_step = compile_steps(setup)
@@ -253,13 +247,14 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
+  def say(msg):
+    if bar is not None:
+      bar.write(msg)
+    else:
+      _log(msg)
+
   def run_eval(step, params):
-    val_iter = data_lib.make_iterator(cfg, workdir, "val", pi, pc)
-    batches = (next(val_iter) for _ in range(cfg.train.eval_batches))
-    result = evaluate(setup, eval_step, params, batches)
-    bpt = getattr(data_lib, "bytes_per_token", lambda *a: None)(cfg, workdir, "val")  # TODO(data)
-    if bpt:
-      result["bits_per_byte"] = result["loss"] / math.log(2) / bpt
+    result = evaluate_lib.evaluate_split(cfg, workdir, setup, eval_step, params)
     writer.write(step, "val", **result)
     return result
 
@@ -308,16 +303,20 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
           if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}",
                             tok_s=f"{record.get('tokens_per_second', 0):.0f}")
+          else:
+            say(f"step {done}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, grad norm "
+                f"{record['grad_norm']:.3f}" + (
+                    f", {record['tokens_per_second']:.0f} tokens/s, MFU {record['mfu']:.1%}, "
+                    f"{record['step_time'] * 1000:.0f} ms/step" if "step_time" in record else ""))
         if bar is not None:
           bar.update(1)
 
         if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
           last_val = run_eval(done, state.params)
-          if bar is not None:
-            bar.write(f"step {done}: val loss {last_val['loss']:.4f}" +
-                      (f", bits/byte {last_val['bits_per_byte']:.4f}"
-                       if "bits_per_byte" in last_val else ""))
+          say(evaluate_lib.format_result(done, last_val))
           interval_start, interval_steps = time.perf_counter(), 0
+        if stop_at_step is not None and done >= stop_at_step and not stop.requested:
+          stop.requested = f"stop_at_step={stop_at_step}"
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
           check_finite(*pending)
           checkpointer.save(done, state, train_iter.get_state(), force=True)
@@ -344,3 +343,29 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
          "--config.train.steps to train further.")
   return {"step": final_step, "train": last_train, "val": last_val, "stopped_by": stopped_by,
           "state": state, "setup": setup}
+
+
+def load_config(workdir: str, overrides=()):
+  """The config a run was trained with (WORKDIR/config.json), plus overrides."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f"No run in '{workdir}': {path} is missing. Pass the --workdir "
+                                 "of a `lmjax train` run.")
+  with open(path) as f:
+    saved = config_lib.from_json(f.read())
+  return config_lib.finalize(config_lib.apply_overrides(saved, overrides))
+
+
+def load_run(workdir: str, step: int | None = None, overrides=()):
+  """(cfg, setup, state) of a trained run, restored onto this machine's devices."""
+  cfg = load_config(workdir, overrides)
+  setup = build(cfg)
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    if checkpointer.latest_step() is None:
+      raise config_lib.ConfigError(f"No checkpoint in {ckpt_lib.checkpoint_dir(workdir)}: train "
+                                   "first, or check the --workdir.")
+    state, _ = checkpointer.restore(step, setup.abstract_state)
+  finally:
+    checkpointer.close()
+  return cfg, setup, state

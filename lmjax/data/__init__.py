@@ -6,7 +6,11 @@ The loop only sees `make_iterator(cfg, workdir, split, ...)`: an iterator of int
 """
 from __future__ import annotations
 
+from lmjax.data.prepare import is_prepared, prepare, read_index
+from lmjax.data.sources import iter_documents
 from lmjax.data.synthetic import SyntheticIterator
+from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, prepared_dir,
+                                  resolve_tokenizer, train_tokenizer)
 
 
 def make_iterator(cfg, workdir: str, split: str = "train", process_index: int = 0,
@@ -15,4 +19,16 @@ def make_iterator(cfg, workdir: str, split: str = "train", process_index: int = 
   if cfg.data.source == "synthetic":
     return SyntheticIterator(cfg.model.vocab_size, cfg.data.seq_len, batch_size, cfg.train.seed,
                              process_index, process_count, split)
-  raise ValueError(f"data.source '{cfg.data.source}' is not supported yet.")
+  if not is_prepared(cfg, workdir):
+    prepare(cfg, workdir)  # so that `lmjax train` works on a fresh workdir
+  from lmjax.data.loader import TokenIterator  # Grain is imported only when batches are needed
+  return TokenIterator(cfg, workdir, split, process_index, process_count, batch_size)
+
+
+def bytes_per_token(cfg, workdir: str, split: str = "val") -> float | None:
+  """UTF-8 bytes of text per token (eos included) of a prepared split, for bits per byte:
+  bits_per_byte = loss_per_token / ln(2) / bytes_per_token. None for synthetic data."""
+  if cfg.data.source == "synthetic":
+    return None
+  stats = read_index(cfg, workdir)["splits"][split]
+  return stats["bytes"] / stats["tokens"]

@@ -1,0 +1,134 @@
+"""`lmjax <command>`: parses flags and calls library functions; nothing else lives here.
+
+Every command takes `--config=FILE.py[:VARIANT]` and any number of `--config.a.b=VALUE` overrides
+(commands that read a trained run default to WORKDIR/config.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_config_flags(p: argparse.ArgumentParser, workdir_required: bool = True,
+                      config_required: bool = True) -> None:
+  p.add_argument("--config", required=config_required, metavar="FILE.py[:VARIANT]",
+                 help="config file and optional variant, e.g. configs/gpt2.py:124m")
+  p.add_argument("--workdir", required=workdir_required, help="run directory")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="lmjax", description="Pretrain, evaluate and sample Transformer language models.",
+      epilog="Override any config key with --config.SECTION.KEY=VALUE, e.g. "
+             "--config.train.steps=100. `lmjax config --config=FILE` lists every key.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="train (or resume) a model in --workdir")
+  _add_config_flags(p)
+  p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+
+  p = sub.add_parser("eval", help="loss, perplexity and bits/byte on the validation split")
+  _add_config_flags(p, config_required=False)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--batches", type=int, default=None, help="batches to evaluate "
+                 "(default: train.eval_batches)")
+
+  p = sub.add_parser("generate", help="sample continuations of prompts from a trained run")
+  _add_config_flags(p, config_required=False)
+  p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+
+  p = sub.add_parser("prepare", help="corpus -> tokenizer -> token shards (WORKDIR/data)")
+  _add_config_flags(p)
+
+  p = sub.add_parser("tokenizer", help="tokenizer tools")
+  tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+  t = tsub.add_parser("train", help="train a SentencePiece tokenizer on the config's corpus")
+  _add_config_flags(t)
+
+  p = sub.add_parser("config", help="print the resolved config (every key)")
+  _add_config_flags(p, workdir_required=False, config_required=False)
+  return parser
+
+
+def _split_overrides(argv):
+  rest, overrides = [], []
+  for arg in argv:
+    if arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def _resolve(args, overrides):
+  from lmjax import config as config_lib
+  from lmjax import train as train_lib
+  if args.config:
+    return config_lib.get_config(args.config, overrides)
+  if getattr(args, "workdir", None):
+    return train_lib.load_config(args.workdir, overrides)
+  return config_lib.get_config(None, overrides)
+
+
+def run(argv) -> int:
+  argv, overrides = _split_overrides(argv)
+  args = _parser().parse_args(argv)
+  cfg = _resolve(args, overrides)  # config errors surface here, before anything is touched
+
+  if args.command == "config":
+    from lmjax.config import to_json
+    print(to_json(cfg))
+  elif args.command == "train":
+    from lmjax import train as train_lib
+    result = train_lib.train(cfg, args.workdir, progress=not args.no_progress)
+    if result["stopped_by"] is None and result.get("sample"):
+      print(f"\nSample ({result['sample']['prompt']!r} ->):\n{result['sample']['text']}")
+  elif args.command == "eval":
+    from lmjax import evaluate as evaluate_lib
+    from lmjax import metrics as metrics_lib
+    from lmjax import train as train_lib
+    cfg, setup, state = train_lib.load_run(args.workdir, args.step, overrides)
+    _, eval_step = train_lib.compile_steps(setup)
+    result = evaluate_lib.evaluate_split(cfg, args.workdir, setup, eval_step, state.params,
+                                         num_batches=args.batches)
+    step = int(state.step)
+    print(evaluate_lib.format_result(step, result))
+    print(json.dumps({"step": step, "split": "val", **result}))
+    writer = metrics_lib.MetricsWriter(args.workdir, tensorboard=False)
+    writer.write(step, "val", **result)
+  elif args.command == "generate":
+    from lmjax import decode
+    for prompt, text in zip(args.prompt, decode.generate_text(
+        args.workdir, args.prompt, step=args.step, overrides=overrides,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed)):
+      print(f"=== {prompt!r}\n{prompt}{text}\n")
+  elif args.command == "prepare":
+    from lmjax import data as data_lib
+    index = data_lib.prepare(cfg, args.workdir)
+    print(json.dumps({k: v for k, v in index.items() if k != "shards"}, indent=2, default=str))
+  elif args.command == "tokenizer":
+    from lmjax import data as data_lib
+    print(data_lib.resolve_tokenizer(cfg, args.workdir))
+  return 0
+
+
+def main(argv=None) -> None:
+  from lmjax.config import ConfigError
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    code = run(argv)
+  except (ConfigError, FileNotFoundError, ValueError) as e:
+    print(f"lmjax: error: {e}", file=sys.stderr)
+    code = 2
+  except KeyboardInterrupt:
+    print("lmjax: interrupted", file=sys.stderr)
+    code = 130
+  sys.exit(code)

@@ -1,0 +1,65 @@
+import os
+
+import pytest
+
+from conftest import ROOT, run_cli, tiny_config
+from lmjax import config as config_lib
+from lmjax.config import ConfigError
+
+
+def test_unknown_override_names_closest_keys():
+  with pytest.raises(ConfigError, match=r"train\.stpes.*Did you mean: train\.steps"):
+    config_lib.get_config(None, ["train.stpes=3"])
+
+
+def test_unknown_key_in_file(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("from lmjax.config import default_config\n"
+                  "def get_config():\n  c = default_config()\n  c.unlock()\n"
+                  "  c.model.num_layer = 3\n  return c\n")
+  with pytest.raises(ConfigError, match=r"model\.num_layer' .*Did you mean: model\.num_layers"):
+    config_lib.get_config(str(path))
+
+
+def test_wrong_type_is_an_error():
+  with pytest.raises(ConfigError, match="train.steps"):
+    config_lib.get_config(None, ["train.steps=ten"])
+  with pytest.raises(ConfigError, match="model.scan_layers"):
+    config_lib.get_config(None, ["model.scan_layers=maybe"])
+
+
+def test_overrides_parse_types():
+  cfg = config_lib.get_config(None, ["optim.learning_rate=1", "model.dtype=bfloat16",
+                                     "model.scan_layers=true", "mesh.fsdp=2"])
+  assert cfg.optim.learning_rate == 1.0 and isinstance(cfg.optim.learning_rate, float)
+  assert cfg.model.dtype == "bfloat16" and cfg.model.scan_layers is True and cfg.mesh.fsdp == 2
+
+
+@pytest.mark.parametrize("spec", ["quickstart.py", "gpt2.py:124m", "gpt2.py:350m", "gpt2.py:774m",
+                                  "gpt2.py:1.5b", "llama.py:60m", "llama.py:125m", "llama.py:1b",
+                                  "llama.py:7b"])
+def test_shipped_configs_load(spec):
+  cfg = config_lib.get_config(os.path.join(ROOT, "configs", spec))
+  assert cfg.model.head_dim * cfg.model.num_heads > 0
+
+
+def test_relations_are_checked():
+  with pytest.raises(ConfigError, match="num_kv_heads"):
+    config_lib.get_config(None, ["model.num_heads=12", "model.num_kv_heads=5"])
+  with pytest.raises(ConfigError, match="seq_len"):
+    config_lib.get_config(None, ["data.seq_len=4096"])
+
+
+def test_cli_bad_key_leaves_workdir_untouched(tmp_path):
+  workdir = tmp_path / "run"
+  proc = run_cli("train", "--config=configs/quickstart.py", f"--workdir={workdir}",
+                 "--config.optim.lerning_rate=1e-3")
+  assert proc.returncode == 2
+  assert "optim.learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_json_round_trip():
+  cfg = tiny_config("mesh.fsdp=2")
+  again = config_lib.from_json(config_lib.to_json(cfg))
+  assert again.to_dict() == cfg.to_dict()

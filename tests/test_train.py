@@ -1,0 +1,142 @@
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, tiny_config
+from lmjax import train as train_lib
+from lmjax.checkpoint import Checkpointer
+from lmjax.config import ConfigError
+from lmjax.metrics import read_metrics
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if r["split"] == "train"}
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path):
+  cfg = tiny_config("train.steps=30", "train.log_every=5", "train.eval_every=15")
+  result = train_lib.train(cfg, str(tmp_path), progress=False)
+  records = read_metrics(tmp_path)
+  train = [r for r in records if r["split"] == "train"]
+  val = [r for r in records if r["split"] == "val"]
+  assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+  assert [r["step"] for r in val] == [15, 30]
+  for key in ("loss", "lr", "grad_norm", "tokens_per_second", "mfu", "step_time"):
+    assert key in train[-1]
+  assert train[-1]["loss"] < train[0]["loss"] - 0.5  # the synthetic sequences are learnable
+  assert val[-1]["loss"] < 3.5 < np.log(64)
+  assert result["step"] == 30
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["train"]["steps"] == 30 and saved["model"]["d_model"] == 32
+
+
+def read_tensorboard_scalars(path):
+  """Minimal TFRecord reader (no TensorFlow): tag -> [(step, value)]."""
+  from tensorboardX.proto import event_pb2
+  out = {}
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      (length,) = struct.unpack("<Q", header[:8])
+      event = event_pb2.Event.FromString(f.read(length))
+      f.read(4)
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def test_tensorboard_events(tmp_path):
+  train_lib.train(tiny_config("train.steps=4", "train.log_every=2"), str(tmp_path), progress=False)
+  (events,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  scalars = read_tensorboard_scalars(events)
+  assert [s for s, _ in scalars["train/loss"]] == [2, 4]
+  assert "val/loss" in scalars and "train/tokens_per_second" in scalars
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+  straight = tiny_config("train.steps=8", "train.checkpoint_every=4")
+  train_lib.train(straight, str(tmp_path / "a"), progress=False)
+  first = train_lib.train(straight, str(tmp_path / "b"), progress=False, stop_at_step=3)
+  assert first["step"] == 3  # not a multiple of checkpoint_every: the stop itself saves
+  resumed = train_lib.train(straight, str(tmp_path / "b"), progress=False)
+  assert resumed["step"] == 8
+  a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  for step in a:  # identical, not merely close: same batches, same RNG, same optimizer state
+    assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-6), step
+
+
+def test_other_model_in_workdir_is_refused(tmp_path):
+  train_lib.train(tiny_config("train.steps=2"), str(tmp_path), progress=False)
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ConfigError, match="model.d_model: checkpoint has 32, config has 64"):
+    train_lib.train(tiny_config("train.steps=4", "model.d_model=64"), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == before
+  assert Checkpointer(str(tmp_path), read_only=True).latest_step() == 2
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
+  # warmup starts at lr 0, so step 1 is sound and the huge peak blows up a step or two later
+  cfg = tiny_config("train.steps=40", "train.checkpoint_every=1", "optim.learning_rate=1e12",
+                    "optim.grad_clip=0.0", "optim.warmup_steps=10")
+  with pytest.raises(train_lib.TrainingError, match="diverged") as info:
+    train_lib.train(cfg, str(tmp_path), progress=False)
+  kept = Checkpointer(str(tmp_path), read_only=True).latest_step()
+  assert kept is not None and kept < 40
+  assert f"checkpoint is step {kept}" in str(info.value)
+  # the kept checkpoint restores to finite params
+  cfg2, setup, state = train_lib.load_run(str(tmp_path))
+  import jax
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+  cfg = tiny_config("train.steps=4", "train.checkpoint_every=4")
+  train_lib.train(cfg, str(tmp_path), progress=False)
+  ckpt_dir = tmp_path / "checkpoints"
+  # what a process killed mid-save leaves behind: a temporary directory orbax never renamed
+  partial = ckpt_dir / "8.orbax-checkpoint-tmp-1234567"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "garbage").write_bytes(b"\x00" * 10)
+  assert Checkpointer(str(tmp_path), read_only=True).latest_step() == 4
+  result = train_lib.train(tiny_config("train.steps=6", "train.checkpoint_every=4"), str(tmp_path),
+                           progress=False)
+  assert result["step"] == 6
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  args = [sys.executable, "-m", "lmjax", "train", "--config=configs/quickstart.py",
+          f"--workdir={workdir}", "--no_progress", "--config.train.steps=100000",
+          "--config.train.checkpoint_every=100000", "--config.train.log_every=1",
+          "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+          "--config.model.mlp_dim=64", "--config.model.vocab_size=64", "--config.data.seq_len=16",
+          "--config.train.batch_size=4"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline:  # wait until it is really training
+    if any(r["step"] >= 3 for r in read_metrics(workdir)):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "Stopped by SIGTERM" in out
+  saved = Checkpointer(str(workdir), read_only=True).latest_step()
+  assert saved >= 3
+  last_logged = max(r["step"] for r in read_metrics(workdir))
+  assert saved == last_logged
+  # the same command resumes from there
+  args[args.index("--config.train.steps=100000")] = f"--config.train.steps={saved + 2}"
+  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert f"Resuming from step {saved}" in proc.stdout
+  steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
+  assert steps[-2:] == [saved + 1, saved + 2]
