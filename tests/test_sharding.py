@@ -1,0 +1,92 @@
+"""Meshes: the same losses on any mesh; shards of the sizes the rules promise; clear errors."""
+import pytest
+
+from conftest import run_python, tiny_config
+from lmjax import sharding as sharding_lib
+from lmjax.config import ConfigError
+
+LOSSES = """
+import json, jax
+from conftest import tiny_config
+from lmjax import train as train_lib
+import tempfile
+out = {}
+for mesh in MESHES:
+  cfg = tiny_config("train.steps=4", "train.checkpoint_every=100", "model.d_model=64",
+                    "model.num_heads=4", "model.mlp_dim=128", "model.vocab_size=128",
+                    f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}")
+  with tempfile.TemporaryDirectory() as workdir:
+    train_lib.train(cfg, workdir, progress=False)
+    from lmjax.metrics import read_metrics
+    out[str(mesh)] = [r["loss"] for r in read_metrics(workdir) if r["split"] == "train"]
+print(json.dumps(out))
+"""
+
+
+def test_meshes_give_the_same_losses():
+  import sys, os
+  prelude = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+  eight = run_python(prelude + LOSSES.replace("MESHES", "[(8, 1, 1), (1, 8, 1), (2, 2, 2)]"), 8)
+  one = run_python(prelude + LOSSES.replace("MESHES", "[(1, 1, 1)]"), 1)
+  reference = one["(1, 1, 1)"]
+  assert len(reference) == 4 and reference[-1] < reference[0]
+  for mesh, losses in eight.items():
+    assert losses == pytest.approx(reference, rel=2e-5, abs=2e-5), mesh
+
+
+SHARDS = """
+import sys, json, jax
+sys.path.insert(0, TESTS)
+from conftest import tiny_config
+from lmjax import train as train_lib
+cfg = tiny_config("model.d_model=64", "model.num_heads=4", "model.mlp_dim=128",
+                  "model.vocab_size=128", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+setup = train_lib.build(cfg)
+state = setup.init_fn()
+shard = lambda x: list(x.addressable_shards[0].data.shape)
+p = state.params
+mu = state.opt_state[1][0].mu  # clip, then adamw's (scale_by_adam, ...)
+print(json.dumps({"query": shard(p["layer_0"]["attn"]["query"]["kernel"]),
+                  "up": shard(p["layer_0"]["mlp"]["up"]["kernel"]),
+                  "down": shard(p["layer_0"]["mlp"]["down"]["kernel"]),
+                  "embed": shard(p["embed"]["embedding"]),
+                  "norm": shard(p["layer_0"]["attn_norm"]["scale"]),
+                  "mu_up": shard(mu["layer_0"]["mlp"]["up"]["kernel"])}))
+"""
+
+
+def test_shards_have_the_promised_shapes():
+  import os
+  out = run_python(SHARDS.replace("TESTS", repr(os.path.dirname(__file__))), 8)
+  # embed -> fsdp (2), heads / mlp / vocab -> tensor (2)
+  assert out["query"] == [32, 2, 16]  # [D/fsdp, N/tensor, H]
+  assert out["up"] == [32, 64]  # [D/fsdp, F/tensor]
+  assert out["down"] == [64, 32]
+  assert out["embed"] == [64, 32]  # [V/tensor, D/fsdp]
+  assert out["norm"] == [64]  # replicated
+  assert out["mu_up"] == out["up"]  # optimizer state is split like its param
+
+
+def test_mesh_must_fit_devices():
+  cfg = tiny_config("mesh.data=3")
+  with pytest.raises(ConfigError, match="3 devices, but 1 are available"):
+    sharding_lib.mesh_shape(cfg, 1)
+  with pytest.raises(ConfigError, match="not a multiple of 3"):
+    sharding_lib.mesh_shape(tiny_config("mesh.tensor=3"), 8)
+  assert sharding_lib.mesh_shape(tiny_config("mesh.fsdp=2", "mesh.tensor=2"), 8) == (2, 2, 2)
+
+
+def test_dimensions_that_do_not_divide_are_a_clear_error():
+  code = f"""
+import sys, json; sys.path.insert(0, {__import__('os').path.dirname(__file__)!r})
+from conftest import tiny_config
+from lmjax import train as train_lib
+from lmjax.config import ConfigError
+try:
+  train_lib.build(tiny_config("model.num_heads=3", "model.head_dim=8", "mesh.tensor=2"))
+  print(json.dumps({{"error": None}}))
+except ConfigError as e:
+  print(json.dumps({{"error": str(e)}}))
+"""
+  out = run_python(code, 2)
+  assert "cannot be split" in out["error"] and "not divisible by 2" in out["error"]
