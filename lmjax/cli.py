@@ -89,7 +89,8 @@ def run(argv) -> int:
     from lmjax import train as train_lib
     result = train_lib.train(cfg, args.workdir, progress=not args.no_progress)
     if result["stopped_by"] is None and result.get("sample"):
-      print(f"\nSample ({result['sample']['prompt']!r} ->):\n{result['sample']['text']}")
+      print(f"\nSample (temperature 0.8, top-p 0.95), prompt {result['sample']['prompt']!r}:\n"
+            f"{result['sample']['text']}")
   elif args.command == "eval":
     from lmjax import evaluate as evaluate_lib
     from lmjax import metrics as metrics_lib

@@ -92,7 +92,7 @@ def default_config() -> ConfigDict:
   c.mesh.data = -1  # -1 = the remaining devices
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
-  # logical axis -> mesh axes; "" = replicated. Params use embed/mlp/heads/kv/vocab;
+  # logical axis -> mesh axes; "" = replicated. Params use embed/mlp/heads/kv_heads/kv/vocab/norm;
   # activations use batch/length/act_embed/act_heads/act_mlp/act_vocab.
   c.mesh.rules = (
       ("batch", ("data", "fsdp")),
@@ -102,6 +102,7 @@ def default_config() -> ConfigDict:
       ("kv_heads", "tensor"),
       ("kv", ""),
       ("vocab", "tensor"),
+      ("norm", ""),
       ("layers", ""),
       ("length", ""),
       ("act_embed", ""),

@@ -16,6 +16,7 @@ does not recompile; only switching between greedy, plain sampling and filtered s
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +225,28 @@ def generate_reference(model: Transformer, params, prompt: list[int], max_new_to
       break
     tokens.append(token)
   return tokens[len(prompt):]
+
+
+def generate_from_text(model: Transformer, params, tokenizer, prompts: list[str],
+                       **kwargs) -> list[str]:
+  """Text in, text out, through a SentencePiece tokenizer (an empty prompt starts from BOS)."""
+  ids = [tokenizer.encode(prompt) or [tokenizer.bos_id()] for prompt in prompts]
+  eos = tokenizer.eos_id()
+  out = generate(model, params, ids, eos_id=eos if eos >= 0 else None, **kwargs)
+  return [tokenizer.decode(row) for row in out]
+
+
+def generate_text(workdir: str, prompts: list[str], *, step: int | None = None, overrides=(),
+                  **kwargs) -> list[str]:
+  """`lmjax generate`: continuations of `prompts` from the run in `workdir` (latest checkpoint)."""
+  from lmjax import data as data_lib
+  from lmjax import train as train_lib
+  from lmjax.config import ConfigError
+  cfg = train_lib.load_config(workdir, overrides)
+  if cfg.data.source == "synthetic":
+    raise ConfigError(f"The run in '{workdir}' trained on synthetic tokens and has no tokenizer to "
+                      "turn text into tokens. Train on text (e.g. data.source=pystdlib) to sample.")
+  path = cfg.data.tokenizer or os.path.join(data_lib.prepared_dir(cfg, workdir), "tokenizer.model")
+  tokenizer = data_lib.load_tokenizer(path)
+  _, setup, state = train_lib.load_run(workdir, step, overrides)
+  return generate_from_text(setup.model, state.params, tokenizer, prompts, **kwargs)

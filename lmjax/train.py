@@ -335,6 +335,9 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
       train_iter.close()
 
   final_step = int(jax.device_get(state.step))
+  sample = None
+  if not stopped_by and cfg.train.sample_prompt and cfg.data.source != "synthetic":
+    sample = sample_continuation(cfg, workdir, setup, state.params)
   if stopped_by:
     _log(f"Stopped by {stopped_by} at step {final_step}; checkpoint saved. Rerun the same command "
          "to resume.")
@@ -342,7 +345,19 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
     _log(f"{workdir} already finished {start} of {cfg.train.steps} steps; raise "
          "--config.train.steps to train further.")
   return {"step": final_step, "train": last_train, "val": last_val, "stopped_by": stopped_by,
-          "state": state, "setup": setup}
+          "sample": sample, "state": state, "setup": setup}
+
+
+def sample_continuation(cfg, workdir: str, setup: Setup, params, max_new_tokens: int = 96) -> dict:
+  """A sampled continuation of train.sample_prompt: what the model learned, at a glance."""
+  from lmjax import decode
+  tokenizer = data_lib.load_tokenizer(data_lib.resolve_tokenizer(cfg, workdir))
+  prompt = cfg.train.sample_prompt
+  room = cfg.model.max_len - len(tokenizer.encode(prompt)) if cfg.model.style == "gpt2" else 10**9
+  (text,) = decode.generate_from_text(setup.model, params, tokenizer, [prompt],
+                                      max_new_tokens=max(min(max_new_tokens, room), 0),
+                                      temperature=0.8, top_p=0.95, seed=cfg.train.seed)
+  return {"prompt": prompt, "text": prompt + text}
 
 
 def load_config(workdir: str, overrides=()):
