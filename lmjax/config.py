@@ -88,6 +88,16 @@ def default_config() -> ConfigDict:
   c.optim.decay_norms_and_biases = False
   c.optim.accumulation_steps = 1
 
+  c.distributed = ConfigDict()
+  # "auto": jax.distributed.initialize() when the environment names a cluster (Cloud TPU VM slices
+  # with more than one host, SLURM, or the JAX_COORDINATOR_ADDRESS variable); "yes": always, with
+  # the values below where set; "no": single process.
+  c.distributed.initialize = "auto"
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = 0  # 0 = from the environment
+  c.distributed.process_id = -1  # -1 = from the environment
+  c.distributed.local_device_ids = ""  # e.g. "0,1,2,3" for one process per GPU group
+
   c.mesh = ConfigDict()
   c.mesh.data = -1  # -1 = the remaining devices
   c.mesh.fsdp = 1
