@@ -1,0 +1,120 @@
+"""Loader: prepared shards -> this process's rows of each global batch, as a Grain pipeline.
+
+A split is one long token stream (its shards concatenated, documents separated by eos), cut into
+windows of seq_len + 1 tokens with stride seq_len (GPT packing: windows span document boundaries;
+inputs are window[:-1], targets window[1:], so no target is skipped between windows).
+
+  window ids -> shuffle (train; reseeded every epoch) -> repeat -> global batches of B ids
+             -> rows [p*B/P, (p+1)*B/P) of process p, read from the memmaps -> prefetch threads
+
+Every process builds the same global sequence of window ids and reads only its rows, so P processes
+together see exactly the batches of a 1-process run. The iterator's state is Grain's (the index of
+the next global batch), hence tiny, JSON-serializable and independent of the process count.
+The val split is read in order from its first window each time an iterator is made; it wraps around
+(so any number of eval batches can be drawn; `batches_per_epoch` tells how many are distinct).
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+
+from lmjax.data.prepare import read_index
+from lmjax.data.tokenizer import prepared_dir
+
+
+class TokenWindows:
+  """Random access to window i = tokens[i * seq_len : i * seq_len + seq_len + 1] of a split."""
+
+  def __init__(self, paths: list[str], lengths: list[int], dtype: str, seq_len: int):
+    self.shards = [np.memmap(p, dtype=dtype, mode="r", shape=(n,)) for p, n in zip(paths, lengths)]
+    self.starts = np.cumsum([0] + list(lengths))  # shard k holds tokens [starts[k], starts[k+1])
+    self.seq_len = seq_len
+    self.num_windows = max(0, (int(self.starts[-1]) - 1) // seq_len)
+
+  def __len__(self) -> int:
+    return self.num_windows
+
+  def read(self, start: int, length: int) -> np.ndarray:
+    """Tokens [start, start + length) of the split, across shard boundaries."""
+    out = np.empty(length, np.int32)
+    k = int(np.searchsorted(self.starts, start, side="right")) - 1
+    filled = 0
+    while filled < length:
+      offset = start + filled - int(self.starts[k])
+      piece = self.shards[k][offset:offset + length - filled]
+      out[filled:filled + len(piece)] = piece
+      filled += len(piece)
+      k += 1
+    return out
+
+  def __getitem__(self, window: int) -> np.ndarray:
+    return self.read(int(window) * self.seq_len, self.seq_len + 1)
+
+  def rows(self, windows: np.ndarray) -> np.ndarray:
+    return np.stack([self[w] for w in windows])
+
+
+def window_dataset(num_windows: int, batch_size: int, seed: int, shuffle: bool) -> grain.MapDataset:
+  """The global batches of window ids: an endless MapDataset of int arrays [batch_size]."""
+  ids = grain.MapDataset.range(num_windows)
+  if shuffle:
+    ids = ids.shuffle(seed=seed)  # a different permutation each epoch, fixed by the seed
+  return ids.repeat().batch(batch_size, drop_remainder=True)
+
+
+class TokenIterator:
+  """Batches int32 [batch_size // process_count, seq_len + 1]; same interface as SyntheticIterator."""
+
+  def __init__(self, cfg, workdir: str, split: str = "train", process_index: int = 0,
+               process_count: int = 1, batch_size: int | None = None):
+    batch_size = batch_size or cfg.train.batch_size
+    if batch_size % process_count:
+      raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes.")
+    index = read_index(cfg, workdir)
+    if split not in index["splits"]:
+      raise ValueError(f"No split '{split}' in the prepared data; use one of "
+                       f"{sorted(index['splits'])}.")
+    if cfg.model.vocab_size < index["vocab_size"]:
+      raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the prepared "
+                       f"data's vocabulary ({index['vocab_size']}). Set --config.model.vocab_size="
+                       f"{-(-index['vocab_size'] // 128) * 128}.")
+    shards = index["splits"][split]["shards"]
+    directory = prepared_dir(cfg, workdir)
+    self.windows = TokenWindows([os.path.join(directory, s["file"]) for s in shards],
+                                [s["tokens"] for s in shards], index["dtype"], cfg.data.seq_len)
+    if not len(self.windows):
+      raise ValueError(f"The {split} split has {index['splits'][split]['tokens']} tokens, fewer "
+                       f"than one window of data.seq_len + 1 = {cfg.data.seq_len + 1}. Lower "
+                       f"data.seq_len or prepare more data.")
+    self.split, self.batch_size, self.seed = split, batch_size, cfg.train.seed
+    self.local_batch = batch_size // process_count
+    self.batches_per_epoch = max(1, len(self.windows) // batch_size)
+    begin = process_index * self.local_batch
+    rows = slice(begin, begin + self.local_batch)
+    batches = window_dataset(len(self.windows), batch_size, cfg.train.seed, split == "train")
+    batches = batches.map(lambda ids: self.windows.rows(ids[rows]))
+    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.data.prefetch))
+    self._iterator = iter(batches.to_iter_dataset(options))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> np.ndarray:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return {"grain": self._iterator.get_state(), "split": self.split,
+            "batch_size": self.batch_size, "num_windows": len(self.windows), "seed": self.seed}
+
+  def set_state(self, state: dict) -> None:
+    saved = (state["split"], state["batch_size"], state["num_windows"])
+    if saved != (self.split, self.batch_size, len(self.windows)):
+      raise ValueError(f"The saved data position is for (split, global batch size, windows) = "
+                       f"{saved}, but this iterator has {(self.split, self.batch_size, len(self.windows))}."
+                       f" Resume with the same train.batch_size, data.seq_len and prepared data.")
+    self._iterator.set_state(state["grain"])
+
+  def close(self) -> None:
+    self._iterator.close()

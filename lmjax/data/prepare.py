@@ -1,0 +1,274 @@
+"""prepare: corpus -> tokenizer -> token shards, so that training only reads memory-mapped ids.
+
+<prepared_dir> (data.prepared_dir, default WORKDIR/data) holds
+  tokenizer.model/.vocab     trained here unless data.tokenizer names one
+  train_00000.bin, ...       raw token ids (uint16; uint32 for vocabularies over 65536), the
+  val_00000.bin, ...         documents of a split in order, each followed by one eos
+  progress.json              the shards finished so far, while preparing
+  index.json                 written last, atomically: its presence means the data is complete
+
+A killed run restarts where it stopped: shards are written as NAME.tmp and renamed when whole, then
+recorded in progress.json (also replaced atomically); a rerun keeps the recorded shards and tokenizes
+only the documents after them. The split of a document is fixed by its position
+(`is_validation_document`), so shard contents depend only on the corpus, tokenizer and settings
+(`fingerprint`). A prepared dir with another fingerprint is refused, never overwritten.
+"""
+from __future__ import annotations
+
+import collections
+from concurrent import futures
+import json
+import multiprocessing
+import os
+import platform
+import re
+from typing import Iterator
+
+import numpy as np
+import sentencepiece as spm
+import tqdm
+
+from lmjax.data.sources import is_validation_document, iter_documents
+from lmjax.data.tokenizer import (EOS_ID, check_vocab, file_sha256, load_tokenizer, prepared_dir,
+                                  resolve_tokenizer)
+
+SPLITS = ("train", "val")
+TASK_CHARS = 1 << 18  # text per worker task: large enough to amortize pickling, small for the bar
+SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.bin(\.tmp)?$")
+
+
+def fingerprint(cfg, tokenizer_path: str) -> dict:
+  """Everything the prepared tokens depend on (shard_tokens only changes the file layout)."""
+  data = cfg.data
+  kind = data.source.partition(":")[0]
+  return {"source": data.source,
+          "text_field": data.text_field if kind in ("text", "tfds") else "",
+          "tfds_split": data.tfds_split if kind == "tfds" else "",
+          "max_bytes": data.max_bytes, "val_fraction": data.val_fraction,
+          "tokenizer_sha256": file_sha256(tokenizer_path),
+          # the built-in corpus is whatever Python runs this
+          "python": platform.python_version() if data.source == "pystdlib" else ""}
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def index_path(cfg, workdir: str) -> str:
+  return os.path.join(prepared_dir(cfg, workdir), "index.json")
+
+
+def is_prepared(cfg, workdir: str) -> bool:
+  """Whether the prepared dir is complete for this config (same source, settings and tokenizer)."""
+  index = _read_json(index_path(cfg, workdir))
+  tokenizer = cfg.data.tokenizer or os.path.join(prepared_dir(cfg, workdir), "tokenizer.model")
+  return (index is not None and os.path.isfile(tokenizer) and
+          index["fingerprint"] == fingerprint(cfg, tokenizer))
+
+
+def read_index(cfg, workdir: str) -> dict:
+  index = _read_json(index_path(cfg, workdir))
+  if index is None:
+    raise ValueError(f"No prepared data at '{index_path(cfg, workdir)}'. Run `lmjax prepare "
+                     f"--config=... --workdir={workdir}` (training does it too).")
+  return index
+
+
+def _check_same_data(index: dict, expected: dict, out_dir: str) -> None:
+  diffs = [f"{k}: prepared {index['fingerprint'].get(k)!r}, now {v!r}"
+           for k, v in expected.items() if index["fingerprint"].get(k) != v]
+  if diffs:
+    raise ValueError(f"'{out_dir}' already holds data prepared differently:\n  " +
+                     "\n  ".join(diffs) + "\nUse another data.prepared_dir (or --workdir), or "
+                     f"delete '{out_dir}' to rebuild it. Nothing was changed.")
+
+
+class ShardWriter:
+  """Appends documents' tokens to one split, cutting a shard after ~`shard_tokens` tokens."""
+
+  def __init__(self, out_dir: str, split: str, dtype: str, shard_tokens: int,
+               done: list[dict], on_shard):
+    self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+    self.shards, self.on_shard = list(done), on_shard
+    self.resume_from = done[-1]["end_document"] if done else 0  # documents already in shards
+    self._reset()
+
+  def _reset(self):
+    self.pending, self.tokens, self.documents, self.bytes = [], 0, 0, 0
+
+  def add(self, doc_index: int, tokens: np.ndarray, num_bytes: int) -> None:
+    self.pending.append(tokens)
+    self.tokens += len(tokens)
+    self.documents += 1
+    self.bytes += num_bytes
+    self.end_document = doc_index + 1
+    if self.tokens >= self.shard_tokens:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self.pending:
+      return
+    name = f"{self.split}_{len(self.shards):05d}.bin"
+    path = os.path.join(self.out_dir, name)
+    np.concatenate(self.pending).astype(self.dtype).tofile(path + ".tmp")
+    os.replace(path + ".tmp", path)  # a .bin is always whole
+    self.shards.append({"file": name, "tokens": self.tokens, "documents": self.documents,
+                        "bytes": self.bytes, "end_document": self.end_document})
+    self._reset()
+    self.on_shard()
+
+
+def _finished_shards(out_dir: str, expected: dict, shard_tokens: int, dtype: str) -> dict:
+  """The shards a previous, interrupted run recorded and left intact, per split."""
+  progress = _read_json(os.path.join(out_dir, "progress.json"))
+  done = {split: [] for split in SPLITS}
+  if not progress or (progress["fingerprint"], progress["shard_tokens"], progress["dtype"]) != (
+      expected, shard_tokens, dtype):
+    return done
+  for split in SPLITS:
+    for shard in progress["splits"][split]:
+      path = os.path.join(out_dir, shard["file"])
+      if not os.path.isfile(path) or os.path.getsize(path) != shard["tokens"] * np.dtype(
+          dtype).itemsize:
+        break
+      done[split].append(shard)
+  return done
+
+
+# Tokenization runs in worker processes, each holding its own SentencePiece processor.
+_processor: spm.SentencePieceProcessor | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+  global _processor
+  _processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
+
+
+def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
+  return [np.array(ids + [EOS_ID], dtype) for ids in _processor.encode(texts, num_threads=1)]
+
+
+def _tasks(docs, val_fraction: float, resume_from: dict) -> Iterator[tuple[list, list[str]]]:
+  """Groups documents into tasks ([(doc_index, split, bytes)], texts to tokenize); split is None
+  for a document already in a finished shard (it only counts for the progress bar)."""
+  meta, texts, chars = [], [], 0
+  for doc_index, doc in enumerate(docs):
+    split = "val" if is_validation_document(doc_index, val_fraction) else "train"
+    chars += len(doc)
+    if doc_index < resume_from[split]:
+      meta.append((doc_index, None, len(doc.encode("utf-8"))))
+    else:
+      meta.append((doc_index, split, len(doc.encode("utf-8"))))
+      texts.append(doc)
+    if chars >= TASK_CHARS:
+      yield meta, texts
+      meta, texts, chars = [], [], 0
+  if meta:
+    yield meta, texts
+
+
+def _encoded(tasks, tokenizer_path: str, dtype: str, num_workers: int):
+  """(meta, token arrays) per task, in order, with a bounded number of tasks in flight."""
+  if num_workers <= 1:  # no process start-up for small jobs
+    _init_worker(tokenizer_path)
+    for meta, texts in tasks:
+      yield meta, _encode(texts, dtype)
+    return
+  # spawn, not fork: forking a process whose JAX threads run can deadlock. An executor, not a Pool:
+  # workers that cannot start (a script without `if __name__ == "__main__":`) fail, not hang.
+  with futures.ProcessPoolExecutor(num_workers, multiprocessing.get_context("spawn"),
+                                   _init_worker, (tokenizer_path,)) as pool:
+    in_flight = collections.deque()
+    try:
+      for meta, texts in tasks:
+        in_flight.append((meta, pool.submit(_encode, texts, dtype)))
+        if len(in_flight) >= 4 * num_workers:
+          meta, result = in_flight.popleft()
+          yield meta, result.result()
+      while in_flight:
+        meta, result = in_flight.popleft()
+        yield meta, result.result()
+    except futures.BrokenExecutor:
+      raise RuntimeError("The tokenizer worker processes died. A script that calls prepare() must "
+                         "do so under `if __name__ == \"__main__\":` (worker processes import it); "
+                         "or set data.num_workers=1.") from None
+
+
+def _split_summary(shards: list[dict]) -> dict:
+  return {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
+          "bytes": sum(s["bytes"] for s in shards), "shards": shards}
+
+
+def _check_enough_tokens(splits: dict, cfg) -> None:
+  window = cfg.data.seq_len + 1
+  for split, hint in (("train", "use more text (data.source, data.max_bytes)"),
+                      ("val", f"raise data.val_fraction (now {cfg.data.val_fraction})")):
+    if splits[split]["tokens"] < window:
+      raise ValueError(f"The {split} split has {splits[split]['tokens']} tokens, fewer than one "
+                       f"window of data.seq_len + 1 = {window}: {hint}, or lower data.seq_len.")
+
+
+def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:
+  for name in os.listdir(out_dir):
+    if SHARD_FILE.match(name) and name not in keep:
+      os.remove(os.path.join(out_dir, name))
+
+
+def prepare(cfg, workdir: str) -> dict:
+  """Tokenizes the corpus into shards (resuming an interrupted run); returns the index."""
+  out_dir = prepared_dir(cfg, workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  tokenizer_path = resolve_tokenizer(cfg, workdir)
+  processor = load_tokenizer(tokenizer_path)
+  check_vocab(cfg, processor)
+  expected = fingerprint(cfg, tokenizer_path)
+  index = _read_json(os.path.join(out_dir, "index.json"))
+  if index is not None:
+    _check_same_data(index, expected, out_dir)
+    return index  # already prepared
+
+  vocab_size = processor.get_piece_size()
+  dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+  shard_tokens = cfg.data.shard_tokens
+  done = _finished_shards(out_dir, expected, shard_tokens, dtype)
+
+  def save_progress():
+    _write_json(os.path.join(out_dir, "progress.json"), {
+        "fingerprint": expected, "shard_tokens": shard_tokens, "dtype": dtype,
+        "splits": {split: writer.shards for split, writer in writers.items()}})
+
+  writers = {split: ShardWriter(out_dir, split, dtype, shard_tokens, done[split], save_progress)
+             for split in SPLITS}
+  num_workers = cfg.data.num_workers or os.cpu_count() or 1
+  tasks = _tasks(iter_documents(cfg), cfg.data.val_fraction,
+                 {split: writer.resume_from for split, writer in writers.items()})
+  with tqdm.tqdm(total=cfg.data.max_bytes or None, unit="B", unit_scale=True,
+                 desc=f"prepare {cfg.data.source}") as bar:
+    for meta, token_arrays in _encoded(tasks, tokenizer_path, dtype, num_workers):
+      arrays = iter(token_arrays)
+      for doc_index, split, num_bytes in meta:
+        if split is not None:
+          writers[split].add(doc_index, next(arrays), num_bytes)
+        bar.update(num_bytes)
+  for writer in writers.values():
+    writer.flush()
+
+  splits = {split: _split_summary(writer.shards) for split, writer in writers.items()}
+  _check_enough_tokens(splits, cfg)
+  index = {"version": 1, "fingerprint": expected, "tokenizer": os.path.abspath(tokenizer_path),
+           "vocab_size": vocab_size, "eos_id": EOS_ID, "dtype": dtype,
+           "shard_tokens": shard_tokens, "splits": splits}
+  _write_json(os.path.join(out_dir, "index.json"), index)  # last: the data is now complete
+  _remove_stale_shards(out_dir, {s["file"] for split in splits.values() for s in split["shards"]})
+  if os.path.exists(os.path.join(out_dir, "progress.json")):
+    os.remove(os.path.join(out_dir, "progress.json"))
+  return index

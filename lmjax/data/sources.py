@@ -1,0 +1,173 @@
+"""Corpus sources: `iter_documents(cfg)` yields documents (str) in a fixed order, so that everything
+built from them (tokenizer, shards, the validation split) is reproducible.
+
+  text:GLOB   local files, sorted by path: .txt (a file is a document), .jsonl (a line is a document,
+              its field `data.text_field`), and both gzipped (.txt.gz, .jsonl.gz)
+  pystdlib    the running Python's standard library .py files, its test suite included and
+              site-packages excluded (~30 MB, everywhere Python is; files that are not UTF-8 skipped)
+  tfds:NAME   a TFDS dataset already built in `data.tfds_data_dir` (optional extra; never downloads)
+
+Errors are raised when `iter_documents` is called or the bad file is reached, as `ValueError`s that
+name the path and what to do.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import sysconfig
+from typing import Iterable, Iterator
+
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+
+
+def iter_documents(cfg) -> Iterator[str]:
+  """The documents of `cfg.data.source`, at most `cfg.data.max_bytes` UTF-8 bytes of them (0 = all)."""
+  data = cfg.data
+  kind, _, arg = data.source.partition(":")
+  if data.source == "pystdlib":
+    docs = pystdlib_documents()
+  elif kind == "text" and arg:
+    docs = text_documents(text_files(arg), data.text_field)
+  elif kind == "tfds" and arg:
+    docs = tfds_documents(arg, data.tfds_data_dir, data.tfds_split, data.text_field)
+  else:
+    raise ValueError(f"data.source='{data.source}' has no documents. Use pystdlib, text:GLOB "
+                     f"(.txt/.jsonl[.gz] files) or tfds:NAME.")
+  return cap_bytes(docs, data.max_bytes) if data.max_bytes > 0 else docs
+
+
+def is_validation_document(doc_index: int, val_fraction: float) -> bool:
+  """The held-out split: a hash of the document's position, so it is fixed for a given corpus.
+
+  Document 0 is always held out, so that even a tiny corpus has a validation set.
+  """
+  digest = hashlib.blake2b(doc_index.to_bytes(8, "little"), digest_size=8).digest()
+  return doc_index == 0 or int.from_bytes(digest, "little") < val_fraction * 2**64
+
+
+def cap_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
+  """Stops after `max_bytes` UTF-8 bytes; the document crossing the cap is cut to fit."""
+  remaining = max_bytes
+  for doc in docs:
+    size = len(doc.encode("utf-8"))
+    if size >= remaining:
+      yield doc.encode("utf-8")[:remaining].decode("utf-8", errors="ignore")
+      return
+    remaining -= size
+    yield doc
+
+
+def text_files(pattern: str) -> list[str]:
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(p))
+  if not paths:
+    raise ValueError(f"data.source='text:{pattern}' matches no files. Check the path; quote the "
+                     f"glob on the command line so the shell does not expand it.")
+  unsupported = [p for p in paths if not p.endswith(TEXT_SUFFIXES)]
+  if unsupported:
+    raise ValueError(f"data.source='text:{pattern}' matches files of an unknown kind, e.g. "
+                     f"'{unsupported[0]}'. Supported: {', '.join(TEXT_SUFFIXES)}; narrow the glob.")
+  return paths
+
+
+def text_documents(paths: list[str], text_field: str) -> Iterator[str]:
+  for path in paths:
+    if ".jsonl" in os.path.basename(path):
+      yield from jsonl_documents(path, text_field)
+    else:
+      with _open_text(path) as f:
+        yield _read(f, path)
+
+
+def jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+  with _open_text(path) as f:
+    for line_number, line in enumerate(_lines(f, path), 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e}). Each line of a .jsonl file must be "
+                         f"one JSON object.") from None
+      if not isinstance(record, dict) or text_field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where} has no field '{text_field}' (it has {keys}). Set "
+                         f"--config.data.text_field=NAME to the field that holds the text.")
+      if not isinstance(record[text_field], str):
+        raise ValueError(f"{where}: field '{text_field}' is {type(record[text_field]).__name__}, "
+                         f"not a string. Set data.text_field to a text field.")
+      yield record[text_field]
+
+
+def _open_text(path: str):
+  try:
+    if path.endswith(".gz"):
+      return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+  except OSError as e:
+    raise ValueError(f"Cannot read '{path}' ({e.strerror or e}). Fix its permissions or remove it "
+                     f"from data.source.") from None
+
+
+def _read(f, path: str) -> str:
+  try:
+    return f.read()
+  except (OSError, EOFError, UnicodeDecodeError) as e:
+    raise ValueError(f"Cannot read '{path}' as UTF-8 text ({e}). Convert it to UTF-8 (or fix the "
+                     f"corrupt .gz), or remove it from data.source.") from None
+
+
+def _lines(f, path: str) -> Iterator[str]:
+  try:
+    yield from f
+  except (OSError, EOFError, UnicodeDecodeError) as e:
+    raise ValueError(f"Cannot read '{path}' as UTF-8 text ({e}). Convert it to UTF-8 (or fix the "
+                     f"corrupt .gz), or remove it from data.source.") from None
+
+
+def pystdlib_files() -> list[str]:
+  root = sysconfig.get_paths()["stdlib"]
+  paths = []
+  for directory, subdirs, files in os.walk(root):
+    subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__")]
+    paths.extend(os.path.join(directory, f) for f in files if f.endswith(".py"))
+  return sorted(paths)
+
+
+def pystdlib_documents() -> Iterator[str]:
+  for path in pystdlib_files():
+    try:
+      with open(path, encoding="utf-8") as f:
+        yield f.read()
+    except (OSError, UnicodeDecodeError):
+      continue  # a handful of test modules are deliberately in other encodings
+
+
+def tfds_documents(name: str, data_dir: str, split: str, text_field: str) -> Iterator[str]:
+  try:
+    import tensorflow_datasets as tfds  # optional: pip install -e .[tfds]
+  except ImportError:
+    raise ValueError(f"data.source='tfds:{name}' needs tensorflow-datasets, which is not installed: "
+                     f"pip install -e .[tfds]") from None
+  try:
+    dataset = tfds.load(name, split=split, data_dir=data_dir or None, download=False,
+                        shuffle_files=False)
+  except Exception as e:  # TFDS raises many kinds (DatasetNotFoundError, AssertionError, ...)
+    raise ValueError(f"TFDS dataset '{name}' (split '{split}') is not in data.tfds_data_dir="
+                     f"'{data_dir}' ({type(e).__name__}: {e}). Build it there once, on a machine "
+                     f"with network: `tfds build {name} --data_dir=DIR`; lmjax never "
+                     f"downloads.") from None
+  return _tfds_texts(tfds.as_numpy(dataset), name, text_field)
+
+
+def _tfds_texts(examples, name: str, text_field: str) -> Iterator[str]:
+  for example in examples:
+    if text_field not in example:
+      raise ValueError(f"TFDS dataset '{name}' has no feature '{text_field}' (it has "
+                       f"{sorted(example)}). Set --config.data.text_field=NAME.")
+    text = example[text_field]
+    yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)

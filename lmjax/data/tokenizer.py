@@ -1,0 +1,124 @@
+"""SentencePiece tokenizers: train one on a sample of the corpus, load, resolve, check against the model.
+
+Trained tokenizers are lossless for code and prose alike: `decode(encode(text)) == text`. Text is not
+normalized (identity rule, whitespace kept), runs of spaces can be single pieces (indentation), "\\n"
+is a piece of its own, digits are split, and anything unseen falls back to its UTF-8 bytes.
+Special ids: pad 0, unk 1, bos 2, eos 3 (documents are separated by eos).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+from lmjax.data.sources import is_validation_document, iter_documents
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# SentencePiece silently skips training "sentences" longer than max_sentence_length bytes; chunks of
+# at most this many characters (<= 4 bytes each) always fit.
+CHUNK_CHARS = 4096
+MAX_SENTENCE_BYTES = 4 * CHUNK_CHARS
+
+
+def prepared_dir(cfg, workdir: str) -> str:
+  return cfg.data.prepared_dir or os.path.join(workdir, "data")
+
+
+def training_chunks(docs: Iterable[str], max_chars: int = CHUNK_CHARS) -> Iterator[str]:
+  """Runs of whole lines of at most `max_chars` (longer lines are cut), newlines kept."""
+  for doc in docs:
+    chunk = ""
+    for line in doc.splitlines(keepends=True):
+      while len(line) > max_chars:
+        if chunk:
+          yield chunk
+          chunk = ""
+        yield line[:max_chars]
+        line = line[max_chars:]
+      if chunk and len(chunk) + len(line) > max_chars:
+        yield chunk
+        chunk = ""
+      chunk += line
+    if chunk:
+      yield chunk
+
+
+def tokenizer_sample(cfg) -> Iterator[str]:
+  """The training documents (validation ones left out) up to ~`data.tokenizer_sample_bytes`."""
+  budget = cfg.data.tokenizer_sample_bytes
+  for doc_index, doc in enumerate(iter_documents(cfg)):
+    if budget <= 0:
+      return
+    if not is_validation_document(doc_index, cfg.data.val_fraction):
+      budget -= len(doc.encode("utf-8"))
+      yield doc
+
+
+def train_tokenizer(cfg, out_prefix: str) -> str:
+  """Trains a SentencePiece model on a sample of the corpus; returns `out_prefix + ".model"`."""
+  vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
+  if cfg.data.tokenizer_type not in ("bpe", "unigram"):
+    raise ValueError(f"data.tokenizer_type must be bpe or unigram, got '{cfg.data.tokenizer_type}'.")
+  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+  tmp_prefix = out_prefix + ".tmp"
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_chunks(tokenizer_sample(cfg)),  # streamed: no corpus temp file
+        model_prefix=tmp_prefix, model_type=cfg.data.tokenizer_type, vocab_size=vocab_size,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+        user_defined_symbols=["\n"], max_sentence_length=MAX_SENTENCE_BYTES,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise ValueError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size (now {vocab_size}) "
+                     f"or give it more text (data.tokenizer_sample_bytes, data.max_bytes, "
+                     f"data.source).") from None
+  for ext in (".model", ".vocab"):  # whole files only: a killed run never leaves a half model
+    os.replace(tmp_prefix + ext, out_prefix + ext)
+  return out_prefix + ".model"
+
+
+def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
+  if not os.path.isfile(path):
+    raise ValueError(f"Tokenizer '{path}' does not exist. Set data.tokenizer to a SentencePiece "
+                     f".model file, or to '' to train one.")
+  return spm.SentencePieceProcessor(model_file=path)
+
+
+def resolve_tokenizer(cfg, workdir: str) -> str:
+  """The tokenizer's path: `data.tokenizer`, else `<prepared_dir>/tokenizer.model` (trained once)."""
+  if cfg.data.tokenizer:
+    if not os.path.isfile(cfg.data.tokenizer):
+      raise ValueError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist. Point it at a "
+                       f"SentencePiece .model file, or set it to '' to train one on the corpus.")
+    return cfg.data.tokenizer
+  path = os.path.join(prepared_dir(cfg, workdir), "tokenizer.model")
+  if not os.path.isfile(path):
+    return train_tokenizer(cfg, path[:-len(".model")])
+  size = load_tokenizer(path).get_piece_size()
+  if cfg.data.vocab_size and size != cfg.data.vocab_size:
+    raise ValueError(f"'{path}' has {size} pieces but data.vocab_size={cfg.data.vocab_size}. Use "
+                     f"a new data.prepared_dir (or --workdir) to train another tokenizer, or set "
+                     f"data.vocab_size={size}.")
+  return path
+
+
+def check_vocab(cfg, sp: spm.SentencePieceProcessor) -> None:
+  """The model's embedding must cover every token id (it may be larger, e.g. padded to 128s)."""
+  size = sp.get_piece_size()
+  if cfg.model.vocab_size < size:
+    padded = -(-size // 128) * 128
+    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({size} pieces). Set --config.model.vocab_size={padded} (>= {size};"
+                     f" a multiple of 128 is fastest), or use a smaller tokenizer.")
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
