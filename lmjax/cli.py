@@ -81,6 +81,8 @@ def run(argv) -> int:
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
   cfg = _resolve(args, overrides)  # config errors surface here, before anything is touched
+  from lmjax.sharding import initialize_distributed
+  initialize_distributed(cfg)  # before any JAX work: multi-host runs join their peers here
 
   if args.command == "config":
     from lmjax.config import to_json

@@ -215,6 +215,12 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
   train_step, eval_step = compile_steps(setup)
   is_writer = jax.process_index() == 0
   pi, pc = jax.process_index(), jax.process_count()
+  if cfg.data.source != "synthetic":
+    # process 0 prepares first; the others then find the shards (shared disk) or make the same
+    # ones on their own disk, deterministically
+    if is_writer and not data_lib.is_prepared(cfg, workdir):
+      data_lib.prepare(cfg, workdir)
+    sharding_lib.sync("lmjax:prepare")
   train_iter = data_lib.make_iterator(cfg, workdir, "train", pi, pc)
   checkpointer = ckpt_lib.Checkpointer(workdir, cfg.train.keep_checkpoints)
 
@@ -317,6 +323,8 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
           interval_start, interval_steps = time.perf_counter(), 0
         if stop_at_step is not None and done >= stop_at_step and not stop.requested:
           stop.requested = f"stop_at_step={stop_at_step}"
+        if sharding_lib.any_process(stop.requested is not None) and not stop.requested:
+          stop.requested = "another host's stop request"  # every host saves at the same step
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
           check_finite(*pending)
           checkpointer.save(done, state, train_iter.get_state(), force=True)
@@ -368,6 +376,8 @@ def load_config(workdir: str, overrides=()):
                                  "of a `lmjax train` run.")
   with open(path) as f:
     saved = config_lib.from_json(f.read())
+  # how processes find each other belongs to the launch, not to the run
+  saved.distributed = config_lib.default_config().distributed
   return config_lib.finalize(config_lib.apply_overrides(saved, overrides))
 
 
