@@ -90,3 +90,45 @@ except ConfigError as e:
 """
   out = run_python(code, 2)
   assert "cannot be split" in out["error"] and "not divisible by 2" in out["error"]
+
+
+RESHARD = """
+import sys, json, jax, numpy as np
+sys.path.insert(0, TESTS)
+from conftest import tiny_config
+from lmjax import train as train_lib
+from lmjax.metrics import read_metrics
+common = ("train.steps=6", "train.checkpoint_every=3", "model.d_model=64", "model.mlp_dim=128",
+          "model.vocab_size=128")
+out = {"devices": jax.device_count()}
+if MODE == "first":
+  train_lib.train(tiny_config(*common, "mesh.data=8"), WORKDIR + "/reference", progress=False)
+  train_lib.train(tiny_config(*common, "mesh.data=8"), WORKDIR + "/moved", progress=False,
+                  stop_at_step=3)
+  _, _, state = train_lib.load_run(WORKDIR + "/moved")
+  out["params"] = float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree_util.tree_leaves(state.params)))
+else:
+  mesh = ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2") if MODE == "fsdp_tensor" else ("mesh.data=-1",)
+  _, setup, state = train_lib.load_run(WORKDIR + "/moved", overrides=mesh)
+  out["params"] = float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree_util.tree_leaves(state.params)))
+  out["query_shard"] = list(state.params["layer_0"]["attn"]["query"]["kernel"].addressable_shards[0].data.shape)
+  train_lib.train(tiny_config(*common, *mesh), WORKDIR + "/moved", progress=False)
+  losses = lambda d: [r["loss"] for r in read_metrics(d) if r["split"] == "train"]
+  out["reference"], out["moved"] = losses(WORKDIR + "/reference"), losses(WORKDIR + "/moved")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("mode,devices", [("fsdp_tensor", 8), ("fewer_devices", 2)])
+def test_restore_onto_another_mesh(tmp_path, mode, devices):
+  import os
+  code = RESHARD.replace("TESTS", repr(os.path.dirname(__file__))).replace(
+      "WORKDIR", repr(str(tmp_path)))
+  first = run_python(code.replace("MODE", "'first'"), 8)
+  moved = run_python(code.replace("MODE", repr(mode)), devices)
+  assert moved["devices"] == devices
+  assert moved["params"] == pytest.approx(first["params"], rel=1e-6)  # the same params restored
+  if mode == "fsdp_tensor":
+    assert moved["query_shard"] == [16, 2, 16]  # now split 4 ways by fsdp and 2 by tensor
+  assert len(moved["moved"]) == 6  # 3 steps on the old mesh, 3 on the new one
+  assert moved["moved"] == pytest.approx(moved["reference"], rel=1e-4, abs=1e-4)
