@@ -32,6 +32,8 @@ def evaluate_split(cfg, workdir: str, setup, eval_step, params, split: str = "va
   """
   num_batches = num_batches or cfg.train.eval_batches
   iterator = data_lib.make_iterator(cfg, workdir, split, jax.process_index(), jax.process_count())
+  # a small split would wrap around: count each window once
+  num_batches = min(num_batches, getattr(iterator, "batches_per_epoch", None) or num_batches)
   try:
     result = evaluate_batches(setup, eval_step, params,
                               (next(iterator) for _ in range(num_batches)))

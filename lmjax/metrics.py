@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import numpy as np
+from etils import epath
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets; no sparsity).
 PEAK_FLOPS = {
@@ -55,24 +55,34 @@ def peak_flops_per_device(device) -> float:
 class MetricsWriter:
   """Appends one JSON object a line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
-  Only the writing process (process 0) writes; the others get a writer that does nothing.
+  Only the writing process (process 0) writes; the others get a writer that does nothing. A
+  workdir in a bucket (gs://...) cannot be appended to, so there the file is rewritten whole.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._remote = "://" in str(workdir)
+    self._lines = None
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
+      self._tb = SummaryWriter(logdir=str(workdir), flush_secs=10)
 
   def write(self, step: int, split: str, **scalars) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), "split": split}
     record.update({k: _plain(v) for k, v in scalars.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._remote:
+      if self._lines is None:
+        self._lines = [self.path.read_text()] if self.path.exists() else []
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      with open(self.path, "a") as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in record.items():
         if k not in ("step", "split") and isinstance(v, (int, float)):
@@ -97,8 +107,7 @@ def _plain(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -130,7 +130,6 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, positions_BT, kv_mask_BS=None):
     c = self.cfg
-    dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
 
     def proj(name, heads, axis):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import time
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from etils import epath
 from flax import struct
 
 from lmjax import checkpoint as ckpt_lib
@@ -192,11 +191,9 @@ class _StopRequest:
 
 def prepare_workdir(cfg, workdir: str) -> None:
   """Refuses a workdir that holds another model, before anything is written."""
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = config_lib.from_json(f.read())
-    config_lib.check_same_model(saved, cfg, workdir)
+  path = epath.Path(workdir) / "config.json"
+  if path.exists():
+    config_lib.check_same_model(config_lib.from_json(path.read_text()), cfg, workdir)
 
 
 def _log(msg: str) -> None:
@@ -233,9 +230,8 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
   else:
     state, start = setup.init_fn(), 0
   if is_writer:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(cfg))
 
   model_cfg = setup.model.cfg
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -370,12 +366,11 @@ def sample_continuation(cfg, workdir: str, setup: Setup, params, max_new_tokens:
 
 def load_config(workdir: str, overrides=()):
   """The config a run was trained with (WORKDIR/config.json), plus overrides."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
     raise config_lib.ConfigError(f"No run in '{workdir}': {path} is missing. Pass the --workdir "
                                  "of a `lmjax train` run.")
-  with open(path) as f:
-    saved = config_lib.from_json(f.read())
+  saved = config_lib.from_json(path.read_text())
   # how processes find each other belongs to the launch, not to the run
   saved.distributed = config_lib.default_config().distributed
   return config_lib.finalize(config_lib.apply_overrides(saved, overrides))

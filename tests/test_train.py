@@ -114,7 +114,8 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 def test_sigterm_saves_and_resumes(tmp_path):
   workdir = tmp_path / "run"
   args = [sys.executable, "-m", "lmjax", "train", "--config=configs/quickstart.py",
-          f"--workdir={workdir}", "--no_progress", "--config.train.steps=100000",
+          f"--workdir={workdir}", "--no_progress", "--config.data.source=synthetic",
+          "--config.train.steps=100000",
           "--config.train.checkpoint_every=100000", "--config.train.log_every=1",
           "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
           "--config.model.mlp_dim=64", "--config.model.vocab_size=64", "--config.data.seq_len=16",

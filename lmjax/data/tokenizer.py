@@ -23,7 +23,11 @@ MAX_SENTENCE_BYTES = 4 * CHUNK_CHARS
 
 
 def prepared_dir(cfg, workdir: str) -> str:
-  return cfg.data.prepared_dir or os.path.join(workdir, "data")
+  if cfg.data.prepared_dir:
+    return cfg.data.prepared_dir
+  if "://" in workdir:  # memmaps need a local disk: each host keeps its own copy of the shards
+    return os.path.join(os.path.expanduser("~/.cache/lmjax/data"), workdir.split("://", 1)[1])
+  return os.path.join(workdir, "data")
 
 
 def training_chunks(docs: Iterable[str], max_chars: int = CHUNK_CHARS) -> Iterator[str]:
