@@ -132,3 +132,38 @@ def test_restore_onto_another_mesh(tmp_path, mode, devices):
     assert moved["query_shard"] == [16, 2, 16]  # now split 4 ways by fsdp and 2 by tensor
   assert len(moved["moved"]) == 6  # 3 steps on the old mesh, 3 on the new one
   assert moved["moved"] == pytest.approx(moved["reference"], rel=1e-4, abs=1e-4)
+
+
+SPLIT = """
+import sys, json, math, jax
+sys.path.insert(0, TESTS)
+from conftest import tiny_config
+from lmjax import train as train_lib
+cfg = tiny_config("model.d_model=64", "model.num_heads=8", "model.mlp_dim=128",
+                  "model.vocab_size=128", *MESH)
+state = train_lib.build(cfg).init_fn()
+def fractions(tree):
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if getattr(x, "ndim", 0):
+      out[jax.tree_util.keystr(path)] = x.addressable_shards[0].data.size / x.size
+  return out
+print(json.dumps({"params": fractions(state.params), "opt": fractions(state.opt_state)}))
+"""
+
+
+@pytest.mark.parametrize("axis", ["tensor", "fsdp"])
+def test_each_device_holds_its_fraction(axis):
+  import os
+  mesh = ("mesh.data=1", f"mesh.{axis}=8")
+  out = run_python(SPLIT.replace("TESTS", repr(os.path.dirname(__file__))).replace(
+      "MESH", repr(mesh)), 8)
+  params, opt = out["params"], out["opt"]
+  if axis == "tensor":  # attention and MLP weights: 1/8 each
+    matrices = [k for k in params if ("attn" in k or "mlp" in k) and "kernel" in k]
+    assert len(matrices) == 2 * (4 + 2) and all(params[k] == 1 / 8 for k in matrices)
+  else:  # fsdp: every weight matrix and its Adam moments split 8 ways
+    matrices = [k for k in params if "kernel" in k or "embed" in k]
+    assert all(params[k] == 1 / 8 for k in matrices), params
+    moments = [k for k in opt if "kernel" in k or "embed" in k]
+    assert len(moments) == 2 * len(matrices) and all(opt[k] == 1 / 8 for k in moments)
