@@ -258,7 +258,7 @@ case $command in
     install="{ python3 -m pip install --user --upgrade uv"
     install+=" || python3 -m pip install --user --upgrade --break-system-packages uv; }"
     install+=" && $uv venv --allow-existing --python $(quote "$python_version") $venv"
-    install+=" && $uv pip install --python $venv/bin/python -e . 'jax[tpu]'"
+    install+=" && $uv pip install --python $venv/bin/python -e '.[gcs]' 'jax[tpu]'"
     install+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
     ssh_all "$get_code && $install"
     # Every worker must see the whole slice (v5p-32: 16 devices, 4 of them local).

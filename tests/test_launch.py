@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU = REPO / "launch" / "tpu.sh"
 SLURM = REPO / "launch" / "slurm.sbatch"
 BASH = shutil.which("bash")
-PIP_INSTALL = ("~/.local/bin/uv pip install --python ~/lmjax-venv/bin/python -e . 'jax[tpu]' "
+PIP_INSTALL = ("~/.local/bin/uv pip install --python ~/lmjax-venv/bin/python -e '.[gcs]' 'jax[tpu]' "
                "-f https://storage.googleapis.com/jax-releases/libtpu_releases.html")
 PROMPT = """It's a "test" of spaces"""  # an override value that needs quoting at both ssh levels
 
