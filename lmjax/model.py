@@ -226,6 +226,27 @@ REMAT_POLICIES = {
 }
 
 
+class Embed(nn.Module):
+  """The token table [V, D]: a lookup at the input, and (tied) the output projection."""
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    self.embedding = self.param("embedding", _init(c.init_std, ("vocab", "embed")),
+                                (c.vocab_size, c.d_model), DTYPES[c.param_dtype])
+
+  def __call__(self, tokens_BT):
+    # Gather from a whole table (all-gathered, as FSDP does for every layer): XLA cannot move a
+    # gather from a sharded table to batch-sharded activations efficiently (it would replicate
+    # the table anyway, with a warning).
+    table_VD = _constrain(self.embedding, (None, None))
+    return jnp.take(table_VD, tokens_BT, axis=0).astype(DTYPES[self.cfg.dtype])
+
+  def attend(self, x_BTD):
+    dt = DTYPES[self.cfg.dtype]
+    return jnp.einsum("BTD,VD->BTV", x_BTD, self.embedding.astype(dt))
+
+
 class Transformer(nn.Module):
   """tokens [B, T] -> logits [B, T, V] (float32)."""
   cfg: ModelConfig
@@ -237,12 +258,12 @@ class Transformer(nn.Module):
     dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dt, param_dtype=pdt,
-                     embedding_init=_init(c.init_std, ("vocab", "embed")), name="embed")
+    embed = Embed(c, name="embed")
     x_BTD = embed(tokens_BT)
     if not c.llama:
       pos_LD = self.param("pos_embed", _init(c.init_std / 2, ("length", "embed")),
                           (c.max_len, c.d_model), pdt)
+      pos_LD = _constrain(pos_LD, (None, None))  # whole table for the gather, as in Embed
       x_BTD = x_BTD + jnp.take(pos_LD, positions_BT, axis=0).astype(dt)
     x_BTD = nn.Dropout(c.dropout, deterministic=deterministic or c.dropout == 0)(x_BTD)
     x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
