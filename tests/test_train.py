@@ -141,3 +141,17 @@ def test_sigterm_saves_and_resumes(tmp_path):
   assert f"Resuming from step {saved}" in proc.stdout
   steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
   assert steps[-2:] == [saved + 1, saved + 2]
+
+
+def test_resume_on_text_data_sees_the_same_batches(tmp_path):
+  from test_data import write_txt_corpus
+  write_txt_corpus(tmp_path / "corpus", num_docs=60)
+  text = (f"data.source=text:{tmp_path}/corpus/*.txt", "model.vocab_size=512",
+          "data.vocab_size=400", "data.val_fraction=0.1", "train.steps=6",
+          "train.checkpoint_every=100", f"data.prepared_dir={tmp_path}/data")
+  train_lib.train(tiny_config(*text), str(tmp_path / "a"), progress=False)
+  train_lib.train(tiny_config(*text), str(tmp_path / "b"), progress=False, stop_at_step=4)
+  train_lib.train(tiny_config(*text), str(tmp_path / "b"), progress=False)
+  a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  assert [a[s] for s in a] == pytest.approx([b[s] for s in a], rel=1e-6)
