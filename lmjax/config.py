@@ -253,6 +253,9 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
     raise ConfigError(f"model.remat must be none|full|dots|dots_no_batch, got '{m.remat}'.")
   if m.attention not in ("xla", "cudnn", "auto"):
     raise ConfigError(f"model.attention must be xla|cudnn|auto, got '{m.attention}'.")
+  if m.attention == "cudnn" and m.dtype == "float32":
+    raise ConfigError("model.attention=cudnn (flash attention) needs model.dtype=bfloat16 or "
+                      "float16; use model.attention=xla for float32.")
   for key in ("dtype", "param_dtype"):
     if m[key] not in ("float32", "bfloat16", "float16"):
       raise ConfigError(f"model.{key} must be float32|bfloat16|float16, got '{m[key]}'.")

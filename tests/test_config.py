@@ -46,6 +46,8 @@ def test_shipped_configs_load(spec):
 def test_relations_are_checked():
   with pytest.raises(ConfigError, match="num_kv_heads"):
     config_lib.get_config(None, ["model.num_heads=12", "model.num_kv_heads=5"])
+  with pytest.raises(ConfigError, match="cudnn"):
+    config_lib.get_config(None, ["model.attention=cudnn"])
   with pytest.raises(ConfigError, match="seq_len"):
     config_lib.get_config(None, ["data.seq_len=4096"])
 
