@@ -1,0 +1,338 @@
+"""Hugging Face import/export against real transformers models: logits, round trips, errors.
+
+Tiny random-init models are built here (nothing is downloaded). Every weight, norm scales and
+biases included, is perturbed away from its init, so a misnamed, swapped or transposed tensor
+changes the logits (test_a_wrong_mapping_breaks_parity shows that it does).
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+import jax  # noqa: E402
+
+from lmjax import hf  # noqa: E402
+from lmjax import train as train_lib  # noqa: E402
+
+TOL = 1e-4
+TOKENS = np.random.default_rng(0).integers(0, 128, (2, 24)).astype(np.int32)
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+             rope_theta=500000.0, rms_norm_eps=1e-5)
+
+
+def make_hf_model(kind: str):
+  torch.manual_seed({"gpt2": 0, "llama_gqa": 1, "llama_tied": 2, "mistral": 3}[kind])
+  if kind == "gpt2":
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, layer_norm_epsilon=1e-4))
+  elif kind == "mistral":
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(
+        **LLAMA, sliding_window=None, tie_word_embeddings=False))
+  else:
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **LLAMA, tie_word_embeddings=kind == "llama_tied"))
+  with torch.no_grad():  # off the init: norm scales != 1, biases != 0, every matrix distinct
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.1)
+  return model.eval()
+
+
+def hf_logits(model, tokens=TOKENS):
+  with torch.no_grad():
+    return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def lmjax_logits(workdir, tokens=TOKENS):
+  _, setup, state = train_lib.load_run(str(workdir))
+  with setup.context():
+    return np.asarray(setup.model.apply({"params": state.params}, tokens)), state
+
+
+def save(model, path, **kwargs):
+  model.save_pretrained(str(path), safe_serialization=True, **kwargs)
+  return path
+
+
+def max_diff(a, b):
+  return float(np.max(np.abs(a - b)))
+
+
+class Models:
+  """Tiny HF models, their save_pretrained directories and lmjax runs imported from them, each
+  made on first use (pytest-xdist workers then build only what their tests need)."""
+
+  def __init__(self, root):
+    self.root, self._hf, self._runs = root, {}, {}
+
+  def hf(self, kind):
+    if kind not in self._hf:
+      model = make_hf_model(kind)
+      self._hf[kind] = model, save(model, self.root / kind)
+    return self._hf[kind]
+
+  def run(self, kind):
+    if kind not in self._runs:
+      self._runs[kind] = self.root / f"{kind}_run"
+      hf.import_hf(str(self.hf(kind)[1]), str(self._runs[kind]))
+    return self._runs[kind]
+
+  def __call__(self, kind):
+    """(HF model, its directory, the imported run)."""
+    return (*self.hf(kind), self.run(kind))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  return Models(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama_gqa", "llama_tied", "mistral"])
+def test_imported_logits_match_hf(models, kind):
+  model, _, run = models(kind)
+  logits, state = lmjax_logits(run)
+  expected = hf_logits(model)
+  assert np.abs(expected).max() > 0.5  # large enough that a wrong weight would show
+  assert max_diff(logits, expected) < TOL
+  assert int(state.step) == 0  # a full TrainState: load_run restored it
+
+
+def test_imported_config(models):
+  cfg = train_lib.load_config(str(models.run("llama_gqa")))
+  m = cfg.model
+  assert (m.style, m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim) == (
+      "llama", 2, 64, 4, 2, 16)
+  assert (m.mlp_dim, m.vocab_size, m.max_len, m.tie_embeddings) == (96, 128, 64, False)
+  assert (m.rope_theta, m.norm_eps, cfg.data.seq_len) == (500000.0, 1e-5, 64)
+  g = train_lib.load_config(str(models.run("gpt2"))).model
+  assert (g.style, g.mlp_dim, g.tie_embeddings, g.norm_eps) == ("gpt2", 256, True, 1e-4)
+
+
+def test_scanned_layers_import(models, tmp_path):
+  model, hf_dir = models.hf("llama_gqa")
+  hf.import_hf(str(hf_dir), str(tmp_path / "run"), config_overrides=["model.scan_layers=true"])
+  logits, state = lmjax_logits(tmp_path / "run")
+  assert state.params["layers"]["attn"]["key"]["kernel"].shape == (2, 64, 2, 16)
+  assert max_diff(logits, hf_logits(model)) < TOL
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))  # unstacks the layers again
+  exported, original = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "out", hf_dir))
+  assert exported.keys() == original.keys()
+  assert all(np.array_equal(exported[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama_gqa", "llama_tied"])
+def test_export_loads_in_transformers_and_round_trips(models, kind, tmp_path, capsys):
+  _, hf_dir, run = models(kind)
+  assert hf.main_convert(None, str(tmp_path / "out"), str(run), None) == 0
+  assert "model.safetensors" in capsys.readouterr().out
+  loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "out"), output_loading_info=True)
+  assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  logits, _ = lmjax_logits(run)
+  assert max_diff(hf_logits(loaded.eval()), logits) < TOL
+
+  exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+  original = load_file(str(hf_dir / "model.safetensors"))
+  assert exported.keys() == original.keys()  # tied models store no lm_head, as HF does
+  assert all(np.array_equal(exported[k], original[k]) for k in original)
+
+  # export -> import -> export: the same bytes
+  hf.import_hf(str(tmp_path / "out"), str(tmp_path / "run2"))
+  hf.export_hf(str(tmp_path / "run2"), str(tmp_path / "out2"))
+  again = load_file(str(tmp_path / "out2" / "model.safetensors"))
+  assert again.keys() == exported.keys()
+  assert all(again[k].tobytes() == exported[k].tobytes() for k in exported)
+  assert ((tmp_path / "out" / "config.json").read_text() ==
+          (tmp_path / "out2" / "config.json").read_text())
+
+
+def _swap_key_value(rules):  # both [K*H, D]: passes every shape check
+  k, v = "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"
+  return [r._replace(hf={k: v, v: k}.get(r.hf, r.hf)) for r in rules]
+
+
+def _untranspose_out(rules):  # o_proj is square [D, N*H]: passes every shape check
+  return [r._replace(transpose=False) if r.hf == "model.layers.0.self_attn.o_proj.weight" else r
+          for r in rules]
+
+
+def _swap_query_key_thirds(rules):  # GPT-2's fused c_attn
+  parts = {0: 1, 1: 0, 2: 2}
+  return [r._replace(part=parts[r.part]) if r.hf == "transformer.h.0.attn.c_attn.weight" else r
+          for r in rules]
+
+
+@pytest.mark.parametrize("kind,corrupt", [("llama_gqa", _swap_key_value),
+                                          ("llama_gqa", _untranspose_out),
+                                          ("gpt2", _swap_query_key_thirds)])
+def test_a_wrong_mapping_breaks_parity(models, kind, corrupt, tmp_path, monkeypatch):
+  model, hf_dir = models.hf(kind)
+  real = hf.rules_for
+  monkeypatch.setattr(hf, "rules_for", lambda c: corrupt(real(c)))
+  hf.import_hf(str(hf_dir), str(tmp_path / "run"))
+  logits, _ = lmjax_logits(tmp_path / "run")
+  assert max_diff(logits, hf_logits(model)) > 100 * TOL
+
+
+def test_sharded_checkpoint(models, tmp_path):
+  model, _ = models.hf("llama_gqa")
+  hf_dir = save(model, tmp_path / "sharded", max_shard_size="40KB")
+  assert (hf_dir / "model.safetensors.index.json").exists()
+  assert not (hf_dir / "model.safetensors").exists()
+  hf.import_hf(str(hf_dir), str(tmp_path / "run"))
+  assert max_diff(lmjax_logits(tmp_path / "run")[0], hf_logits(model)) < TOL
+
+
+def test_bfloat16_checkpoint(models, tmp_path):
+  model, hf_dir = models.hf("llama_tied")
+  bf16_dir = shutil.copytree(hf_dir, tmp_path / "bf16")
+  import safetensors.torch
+  weights = safetensors.torch.load_file(str(hf_dir / "model.safetensors"))
+  safetensors.torch.save_file({k: v.bfloat16() for k, v in weights.items()},
+                              str(bf16_dir / "model.safetensors"), metadata={"format": "pt"})
+  hf.import_hf(str(bf16_dir), str(tmp_path / "run"))
+  _, state = lmjax_logits(tmp_path / "run")
+  expected = weights["model.embed_tokens.weight"].bfloat16().float().numpy()
+  assert np.array_equal(np.asarray(state.params["embed"]["embedding"]), expected)
+
+
+def _write_tokenizer(path, vocab_size=128):
+  """A SentencePiece model with exactly the test models' vocabulary (lmjax's special ids)."""
+  import inspect
+  import sentencepiece as spm
+  text = inspect.getsource(json).splitlines(keepends=True)
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path)[:-6],
+                                 vocab_size=vocab_size, minloglevel=2, pad_id=0, unk_id=1,
+                                 bos_id=2, eos_id=3)
+  return path
+
+
+def test_tokenizer_travels_and_greedy_decoding_matches_hf(models, tmp_path, capsys):
+  from lmjax import decode
+  model, hf_dir = models.hf("llama_gqa")
+  with_tok = shutil.copytree(hf_dir, tmp_path / "with_tok")
+  _write_tokenizer(with_tok / "tokenizer.model")
+  assert hf.main_convert(str(with_tok), None, str(tmp_path / "run"), None) == 0
+  assert "data/tokenizer.model" in capsys.readouterr().out
+  cfg = train_lib.load_config(str(tmp_path / "run"))
+  assert cfg.data.tokenizer == str(tmp_path / "run" / "data" / "tokenizer.model")
+  assert os.path.isfile(cfg.data.tokenizer) and cfg.data.source == "pystdlib"
+
+  # `lmjax generate`'s decoding (greedy, KV cache) follows HF's greedy generate
+  _, setup, state = train_lib.load_run(str(tmp_path / "run"))
+  prompt = TOKENS[0, :6].tolist()
+  (ours,) = decode.generate(setup.model, state.params, [prompt], max_new_tokens=8)
+  with torch.no_grad():
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
+  assert ours == theirs
+
+  hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 3, 0)
+  assert ((tmp_path / "out" / "tokenizer.model").read_bytes() ==
+          (with_tok / "tokenizer.model").read_bytes())
+
+
+def test_train_continues_from_the_import(models, tmp_path, capsys):
+  _, hf_dir = models.hf("gpt2")
+  workdir = str(tmp_path / "run")
+  hf.import_hf(str(hf_dir), workdir, config_overrides=[
+      "train.steps=2", "train.batch_size=2", "data.seq_len=16", "train.eval_every=100",
+      "train.eval_batches=1", "optim.learning_rate=1e-4", "optim.warmup_steps=0"])
+  _, _, imported = train_lib.load_run(workdir)
+  cfg = train_lib.load_config(workdir)
+  result = train_lib.train(cfg, workdir, progress=False)
+  assert "Resuming from step 0" in capsys.readouterr().out
+  assert result["step"] == 2
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                 result["state"].params, imported.params)
+  assert 0 < max(jax.tree_util.tree_leaves(moved)) < 0.01  # small steps from the HF weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: clear, and nothing written.
+
+
+def _edit_config(src, dst, **changes):
+  shutil.copytree(src, dst)
+  config = json.loads((dst / "config.json").read_text())
+  config.update(changes)
+  (dst / "config.json").write_text(json.dumps(config))
+  return dst
+
+
+def _import_error(hf_dir, workdir, **kwargs) -> str:
+  with pytest.raises(ValueError) as e:
+    hf.import_hf(str(hf_dir), str(workdir), **kwargs)
+  assert not os.path.exists(workdir) or not os.path.exists(os.path.join(workdir, "config.json"))
+  return str(e.value)
+
+
+def test_unsupported_model_type(models, tmp_path):
+  bad = _edit_config(models.hf("gpt2")[1], tmp_path / "bert", model_type="bert")
+  assert "model_type 'bert' is not supported" in _import_error(bad, tmp_path / "run")
+
+
+def test_shape_mismatch_names_the_tensor(models, tmp_path):
+  bad = _edit_config(models.hf("gpt2")[1], tmp_path / "wide", n_embd=96, n_head=4)
+  message = _import_error(bad, tmp_path / "run")
+  assert "transformer.wte.weight" in message and "[128, 64]" in message and "[128, 96]" in message
+
+
+def test_pickle_only_is_refused(models, tmp_path):
+  only_bin = tmp_path / "bin"
+  only_bin.mkdir()
+  shutil.copy(models.hf("gpt2")[1] / "config.json", only_bin / "config.json")
+  (only_bin / "pytorch_model.bin").write_bytes(b"not loaded")
+  message = _import_error(only_bin, tmp_path / "run")
+  assert "pickle" in message and "safetensors" in message
+
+
+def test_unexpected_and_missing_tensors(models, tmp_path):
+  _, hf_dir = models.hf("llama_gqa")
+  weights = load_file(str(hf_dir / "model.safetensors"))
+  extra = shutil.copytree(hf_dir, tmp_path / "extra")
+  save_file({**weights, "score.weight": np.zeros((3, 64), np.float32)},
+            str(extra / "model.safetensors"))
+  assert "score.weight" in _import_error(extra, tmp_path / "run")
+  missing = shutil.copytree(hf_dir, tmp_path / "missing")
+  save_file({k: v for k, v in weights.items() if k != "model.layers.1.mlp.up_proj.weight"},
+            str(missing / "model.safetensors"))
+  assert "model.layers.1.mlp.up_proj.weight" in _import_error(missing, tmp_path / "run")
+
+
+def test_sliding_window_is_refused(models, tmp_path):
+  bad = _edit_config(models.hf("mistral")[1], tmp_path / "window", sliding_window=16)
+  assert "sliding_window=16" in _import_error(bad, tmp_path / "run")
+
+
+def test_rope_scaling_is_refused(models, tmp_path):
+  bad = _edit_config(models.hf("llama_gqa")[1], tmp_path / "scaled",
+                     rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+  assert "RoPE scaling 'linear'" in _import_error(bad, tmp_path / "run")
+
+
+def test_overrides_cannot_contradict_the_checkpoint(models, tmp_path):
+  message = _import_error(models.hf("gpt2")[1], tmp_path / "run",
+                          config_overrides=["model.d_model=128"])
+  assert "model.d_model=128" in message
+
+
+def test_existing_run_is_not_overwritten(models, tmp_path):
+  _, hf_dir, run = models("gpt2")
+  before = (run / "config.json").read_text()
+  with pytest.raises(ValueError, match="already holds an lmjax run"):
+    hf.import_hf(str(hf_dir), str(run))
+  assert (run / "config.json").read_text() == before
+
+
+def test_convert_needs_one_direction(tmp_path):
+  with pytest.raises(ValueError, match="exactly one"):
+    hf.main_convert(None, None, str(tmp_path), None)
