@@ -9,6 +9,10 @@ import argparse
 import json
 import sys
 
+from etils import epath
+
+from lmjax.config import ConfigError
+
 
 def _add_config_flags(p: argparse.ArgumentParser, workdir_required: bool = True,
                       config_required: bool = True) -> None:
@@ -25,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("train", help="train (or resume) a model in --workdir")
-  _add_config_flags(p)
+  _add_config_flags(p, config_required=False)  # default: the workdir's config.json (resume)
   p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
 
   p = sub.add_parser("eval", help="loss, perplexity and bits/byte on the validation split")
@@ -51,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
   tsub = p.add_subparsers(dest="tokenizer_command", required=True)
   t = tsub.add_parser("train", help="train a SentencePiece tokenizer on the config's corpus")
   _add_config_flags(t)
+
+  p = sub.add_parser("bench", help="compile time, step time, tokens/s, MFU, memory, loader speed")
+  _add_config_flags(p, workdir_required=False)
+  p.add_argument("--steps", type=int, default=20, help="timed train steps")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+  p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+  p.add_argument("--no_loader", action="store_true", help="skip the data loader measurement")
+
+  p = sub.add_parser("convert", help="Hugging Face checkpoint <-> lmjax run")
+  p.add_argument("--from_hf", default=None, metavar="DIR", help="import this HF directory")
+  p.add_argument("--to_hf", default=None, metavar="DIR", help="export --workdir's run here")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--step", type=int, default=None, help="checkpoint step to export")
 
   p = sub.add_parser("config", help="print the resolved config (every key)")
   _add_config_flags(p, workdir_required=False, config_required=False)
@@ -80,6 +97,13 @@ def _resolve(args, overrides):
 def run(argv) -> int:
   argv, overrides = _split_overrides(argv)
   args = _parser().parse_args(argv)
+  if args.command == "convert":  # its workdir has no config yet (import) or its own (export)
+    from lmjax import hf
+    return hf.main_convert(args.from_hf, args.to_hf, args.workdir, args.step, overrides)
+  if args.command == "train" and not args.config and not (
+      epath.Path(args.workdir) / "config.json").exists():
+    raise ConfigError("lmjax train needs --config=FILE.py[:VARIANT] (or a --workdir that holds "
+                      "a run's config.json, to resume it).")
   cfg = _resolve(args, overrides)  # config errors surface here, before anything is touched
   from lmjax.sharding import initialize_distributed
   initialize_distributed(cfg)  # before any JAX work: multi-host runs join their peers here
@@ -117,6 +141,10 @@ def run(argv) -> int:
     from lmjax import data as data_lib
     index = data_lib.prepare(cfg, args.workdir)
     print(json.dumps({k: v for k, v in index.items() if k != "shards"}, indent=2, default=str))
+  elif args.command == "bench":
+    from lmjax import bench
+    bench.run(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json,
+              workdir=args.workdir, loader=not args.no_loader)
   elif args.command == "tokenizer":
     from lmjax import data as data_lib
     print(data_lib.resolve_tokenizer(cfg, args.workdir))
@@ -124,7 +152,6 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> None:
-  from lmjax.config import ConfigError
   argv = sys.argv[1:] if argv is None else argv
   try:
     code = run(argv)

@@ -336,3 +336,18 @@ def test_existing_run_is_not_overwritten(models, tmp_path):
 def test_convert_needs_one_direction(tmp_path):
   with pytest.raises(ValueError, match="exactly one"):
     hf.main_convert(None, None, str(tmp_path), None)
+
+
+def test_convert_command_round_trip(models, tmp_path):
+  from conftest import run_cli
+  _, hf_dir = models.hf("llama_gqa")
+  run = tmp_path / "run"
+  proc = run_cli("convert", f"--from_hf={hf_dir}", f"--workdir={run}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_cli("eval", f"--workdir={run}", "--batches=1", "--config.train.batch_size=2")
+  assert proc.returncode == 0 and "val loss" in proc.stdout, proc.stderr[-3000:]
+  proc = run_cli("convert", f"--to_hf={tmp_path / 'out'}", f"--workdir={run}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp_path / "out" / "model.safetensors").exists()
+  proc = run_cli("convert", f"--from_hf={tmp_path / 'missing'}", f"--workdir={tmp_path / 'x'}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr

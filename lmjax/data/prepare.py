@@ -29,7 +29,7 @@ import sentencepiece as spm
 import tqdm
 
 from lmjax.data.sources import is_validation_document, iter_documents
-from lmjax.data.tokenizer import (EOS_ID, check_vocab, file_sha256, load_tokenizer, prepared_dir,
+from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, prepared_dir,
                                   resolve_tokenizer)
 
 SPLITS = ("train", "val")
@@ -154,7 +154,17 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
-  return [np.array(ids + [EOS_ID], dtype) for ids in _processor.encode(texts, num_threads=1)]
+  eos = _eos_id(_processor)
+  return [np.array(ids + [eos], dtype) for ids in _processor.encode(texts, num_threads=1)]
+
+
+def _eos_id(processor: spm.SentencePieceProcessor) -> int:
+  """The tokenizer's own eos (a given tokenizer, e.g. Llama's, may number it differently)."""
+  eos = processor.eos_id()
+  if eos < 0:
+    raise ValueError("The tokenizer has no eos piece, which lmjax puts between documents. Train one "
+                     "with `lmjax tokenizer train` or give a SentencePiece model that has eos.")
+  return eos
 
 
 def _tasks(docs, val_fraction: float, resume_from: dict) -> Iterator[tuple[list, list[str]]]:
@@ -230,6 +240,7 @@ def prepare(cfg, workdir: str) -> dict:
   tokenizer_path = resolve_tokenizer(cfg, workdir)
   processor = load_tokenizer(tokenizer_path)
   check_vocab(cfg, processor)
+  eos_id = _eos_id(processor)
   expected = fingerprint(cfg, tokenizer_path)
   index = _read_json(os.path.join(out_dir, "index.json"))
   if index is not None:
@@ -265,7 +276,8 @@ def prepare(cfg, workdir: str) -> dict:
   splits = {split: _split_summary(writer.shards) for split, writer in writers.items()}
   _check_enough_tokens(splits, cfg)
   index = {"version": 1, "fingerprint": expected, "tokenizer": os.path.abspath(tokenizer_path),
-           "vocab_size": vocab_size, "eos_id": EOS_ID, "dtype": dtype,
+           "vocab_size": vocab_size, "eos_id": eos_id,
+           "dtype": dtype,
            "shard_tokens": shard_tokens, "splits": splits}
   _write_json(os.path.join(out_dir, "index.json"), index)  # last: the data is now complete
   _remove_stale_shards(out_dir, {s["file"] for split in splits.values() for s in split["shards"]})
