@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
   _add_config_flags(p, config_required=False)  # default: the workdir's config.json (resume)
   p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
 
-  p = sub.add_parser("eval", help="loss, perplexity and bits/byte on the validation split")
+  p = sub.add_parser("eval", help="loss, perplexity and bits/byte (masked LM: masked-token "
+                     "accuracy) on the validation split")
   _add_config_flags(p, config_required=False)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--batches", type=int, default=None, help="batches to evaluate "
@@ -122,7 +123,7 @@ def run(argv) -> int:
     from lmjax import metrics as metrics_lib
     from lmjax import train as train_lib
     cfg, setup, state = train_lib.load_run(args.workdir, args.step, overrides)
-    _, eval_step = train_lib.compile_steps(setup)
+    _, eval_step = train_lib.compile_steps(setup, args.workdir)
     result = evaluate_lib.evaluate_split(cfg, args.workdir, setup, eval_step, state.params,
                                          num_batches=args.batches)
     step = int(state.step)

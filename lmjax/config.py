@@ -45,6 +45,7 @@ def default_config() -> ConfigDict:
   c.model.scan_layers = False
   c.model.remat = "none"  # none | full | dots | dots_no_batch
   c.model.attention = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs) | auto
+  c.model.causal = True  # False: bidirectional attention (an encoder; train.objective=masked_lm)
 
   c.data = ConfigDict()
   c.data.source = "synthetic"  # synthetic | pystdlib | text:GLOB | tfds:NAME
@@ -73,6 +74,11 @@ def default_config() -> ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.sample_prompt = ""  # printed with a sample continuation at the end of training
+  c.train.objective = "causal_lm"  # causal_lm (next token) | masked_lm (BERT; model.causal=False)
+  c.train.mask_prob = 0.15  # masked_lm: fraction of (non-pad) tokens selected for prediction
+  c.train.mask_token_fraction = 0.8  # of the selected: replaced by the mask token
+  c.train.random_token_fraction = 0.1  # of the selected: replaced by a random token (rest: kept)
+  c.train.mask_token_id = -1  # -1: the tokenizer's "[MASK]" piece (synthetic data: vocab_size - 1)
 
   c.optim = ConfigDict()
   c.optim.name = "adamw"  # adamw | lion | adafactor
@@ -268,6 +274,28 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
   if cfg.optim.accumulation_steps < 1 or cfg.train.batch_size % cfg.optim.accumulation_steps:
     raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                       f"optim.accumulation_steps={cfg.optim.accumulation_steps}.")
+  t = cfg.train
+  if t.objective not in ("causal_lm", "masked_lm"):
+    raise ConfigError(f"train.objective must be causal_lm|masked_lm, got '{t.objective}'.")
+  if (t.objective == "masked_lm") == m.causal:
+    raise ConfigError(
+        f"train.objective={t.objective} needs model.causal={t.objective == 'causal_lm'} ("
+        "masked_lm trains a bidirectional encoder; causal_lm a decoder, which must not see the "
+        "tokens it predicts). Set both.")
+  if t.objective == "masked_lm":
+    if not 0.0 < t.mask_prob <= 1.0:
+      raise ConfigError(f"train.mask_prob must be in (0, 1], got {t.mask_prob}.")
+    if min(t.mask_token_fraction, t.random_token_fraction) < 0 or (
+        t.mask_token_fraction + t.random_token_fraction > 1.0):
+      raise ConfigError("train.mask_token_fraction and train.random_token_fraction must be >= 0 "
+                        f"with a sum <= 1 (the rest keep their token); got "
+                        f"{t.mask_token_fraction} and {t.random_token_fraction}.")
+    if t.mask_token_id >= m.vocab_size:
+      raise ConfigError(f"train.mask_token_id={t.mask_token_id} is outside the vocabulary "
+                        f"(model.vocab_size={m.vocab_size}); use -1 for the tokenizer's [MASK].")
+    if t.sample_prompt:
+      raise ConfigError("train.sample_prompt needs a causal LM (text continuation); a masked LM "
+                        "cannot generate. Set train.sample_prompt=''.")
   for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
     if cfg.train[key] < 1:
       raise ConfigError(f"train.{key} must be at least 1, got {cfg.train[key]}.")

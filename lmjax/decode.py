@@ -243,6 +243,11 @@ def generate_text(workdir: str, prompts: list[str], *, step: int | None = None, 
   from lmjax import train as train_lib
   from lmjax.config import ConfigError
   cfg = train_lib.load_config(workdir, overrides)
+  if not cfg.model.causal:
+    raise ConfigError(f"The run in '{workdir}' is a bidirectional encoder (model.causal=False, "
+                      f"train.objective={cfg.train.objective}): it fills in masked tokens and "
+                      "cannot continue text. Generation (KV-cache decoding) needs a causal LM; "
+                      "fine-tune the encoder (`lmjax finetune`) or evaluate it (`lmjax eval`).")
   if cfg.data.source == "synthetic":
     raise ConfigError(f"The run in '{workdir}' trained on synthetic tokens and has no tokenizer to "
                       "turn text into tokens. Train on text (e.g. data.source=pystdlib) to sample.")

@@ -523,6 +523,10 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None) -> dict:
   """lmjax run (latest checkpoint, or `step`) -> HF directory with config.json, float32
   model.safetensors and the run's tokenizer.model. Returns {what: path} of the files written."""
   from safetensors.numpy import save_file
+  cfg = train_lib.load_config(workdir)
+  if not cfg.model.causal:  # before restoring anything
+    raise ConversionError(f"The run in '{workdir}' is a bidirectional encoder (model.causal="
+                          "False); export writes causal GPT-2 / Llama checkpoints only.")
   cfg, _, state = train_lib.load_run(workdir, step)
   tokenizer = _run_tokenizer(cfg, workdir)
   config = hf_config(cfg, _special_ids(tokenizer))

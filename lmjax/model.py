@@ -1,4 +1,5 @@
-"""The Transformer: GPT-2 style and LLaMA style decoders in one linen module, chosen by config.
+"""The Transformer: GPT-2 style and LLaMA style decoders in one linen module, chosen by config
+(model.causal=False makes it a bidirectional encoder, as for masked LM).
 
 Shape letters in names:
   B batch, T query length, S key/value length (the cache in decoding), D d_model,
@@ -41,6 +42,7 @@ class ModelConfig:
   scan_layers: bool = False
   remat: str = "none"
   attention: str = "xla"
+  causal: bool = True  # False: every position attends to the whole sequence (an encoder)
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -145,11 +147,16 @@ class Attention(nn.Module):
     q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "kv"))
 
     if self.decode:
+      if not c.causal:
+        raise ValueError("KV-cache decoding needs a causal model (model.causal=True).")
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, kv_mask_BS)
     else:
       impl = None if c.attention == "auto" else c.attention
-      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
-                                              implementation=impl)
+      # kv_mask_BS (True = a real token) hides pads from every query, which matters when the
+      # attention is bidirectional
+      mask = None if kv_mask_BS is None else kv_mask_BS.astype(bool)[:, None, None, :]
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask,
+                                              is_causal=c.causal, implementation=impl)
     out_BTNH = _constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
     return Projection((c.num_heads, c.head_dim, c.d_model), ("heads", "kv", "embed"),
                       "BTNH,NHD->BTD", out_std, bias=not c.llama, cfg=c, name="out")(out_BTNH)

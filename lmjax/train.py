@@ -23,6 +23,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import evaluate as evaluate_lib
+from lmjax import masking as masking_lib
 from lmjax import metrics as metrics_lib
 from lmjax import sharding as sharding_lib
 from lmjax.model import ModelConfig, Transformer, count_params, flops_per_token
@@ -50,43 +51,63 @@ def next_token_loss(model: Transformer, params, tokens_BT1, rng, deterministic: 
   return nll_BT.sum(), jnp.asarray(nll_BT.size, jnp.float32)
 
 
-def make_train_step(model: Transformer, optimizer, schedule, accumulation_steps: int = 1):
+def make_train_step(model: Transformer, optimizer, schedule, accumulation_steps: int = 1,
+                    masking: masking_lib.Masking | None = None):
+  """Causal LM, or masked LM when `masking` is given (see masking.py)."""
+
+  def loss_fn(params, batch, rng):  # -> (loss sum, {tokens: count[, correct: count]})
+    if masking is None:
+      loss, n = next_token_loss(model, params, batch[0], rng, deterministic=False)
+      return loss, {"tokens": n}
+    return masking_lib.masked_lm_loss(model, params, *batch, rng, deterministic=False)
 
   def train_step(state: TrainState, tokens_BT1):
     rng, step_rng = jax.random.split(state.rng)
-    grad_fn = jax.value_and_grad(
-        lambda p, toks, r: next_token_loss(model, p, toks, r, deterministic=False), has_aux=True)
+    if masking is None:
+      batch = (tokens_BT1,)
+    else:  # masks for the whole batch at once: accumulation does not change them
+      mask_rng, step_rng = jax.random.split(step_rng)
+      batch = masking_lib.masked_batch(mask_rng, tokens_BT1, masking)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro_step(carry, xs):  # sums, so that accumulated == large batch exactly
-      grad_sum, loss_sum, count = carry
-      toks, i = xs
-      (loss, n), grads = grad_fn(state.params, toks, jax.random.fold_in(step_rng, i))
+      grad_sum, sums = carry
+      micro_batch, i = xs
+      (loss, counts), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, i))
       grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
-      return (grad_sum, loss_sum + loss, count + n), None
+      return (grad_sum, jax.tree_util.tree_map(jnp.add, sums, {"loss": loss, **counts})), None
 
     a = accumulation_steps
     b = tokens_BT1.shape[0]
     # rows j, j+A, j+2A, ... form micro-batch j: slicing the unsharded axis keeps every
     # micro-batch spread over all devices with no communication.
-    micro_ABT1 = tokens_BT1.reshape(b // a, a, -1).swapaxes(0, 1)
+    micro = jax.tree_util.tree_map(lambda x: x.reshape(b // a, a, -1).swapaxes(0, 1), batch)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    (grad_sum, loss_sum, count), _ = jax.lax.scan(
-        micro_step, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-        (micro_ABT1, jnp.arange(a)))
+    sums = {k: jnp.zeros((), jnp.float32) for k in
+            (("loss", "tokens") if masking is None else ("loss", "tokens", "correct"))}
+    (grad_sum, sums), _ = jax.lax.scan(micro_step, (zeros, sums), (micro, jnp.arange(a)))
+    count = jnp.maximum(sums["tokens"], 1.0)  # a masked-LM batch may select no token at all
     grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": sums["loss"] / count, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
+    if masking is not None:
+      metrics["masked_accuracy"] = sums["correct"] / count
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return train_step
 
 
-def make_eval_step(model: Transformer):
+def make_eval_step(model: Transformer, masking: masking_lib.Masking | None = None):
+  """(params, batch) -> (loss sum, predicted tokens[, correctly predicted tokens (masked LM)])."""
 
   def eval_step(params, tokens_BT1):
-    return next_token_loss(model, params, tokens_BT1, jax.random.PRNGKey(0), deterministic=True)
+    if masking is None:
+      return next_token_loss(model, params, tokens_BT1, jax.random.PRNGKey(0), deterministic=True)
+    batch = masking_lib.masked_batch(masking_lib.eval_rng(tokens_BT1), tokens_BT1, masking)
+    loss, counts = masking_lib.masked_lm_loss(model, params, *batch, jax.random.PRNGKey(0))
+    return loss, counts["tokens"], counts["correct"]
 
   return eval_step
 
@@ -154,12 +175,15 @@ def build(cfg, devices=None) -> Setup:
                batch_sharding, jit_init)
 
 
-def compile_steps(setup: Setup):
+def compile_steps(setup: Setup, workdir: str | None = None):
+  """Jitted (train_step, eval_step). A masked LM reads its mask token's id from the tokenizer of
+  `workdir`'s prepared data (masking.masking_for)."""
   a = setup.cfg.optim.accumulation_steps
-  train_step = jax.jit(make_train_step(setup.model, setup.optimizer, setup.schedule, a),
+  masking = masking_lib.masking_for(setup.cfg, workdir)
+  train_step = jax.jit(make_train_step(setup.model, setup.optimizer, setup.schedule, a, masking),
                        in_shardings=(setup.state_shardings, setup.batch_sharding),
                        out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(setup.model),
+  eval_step = jax.jit(make_eval_step(setup.model, masking),
                       in_shardings=(setup.state_shardings.params, setup.batch_sharding))
   return train_step, eval_step
 
@@ -209,7 +233,6 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
   """
   prepare_workdir(cfg, workdir)
   setup = build(cfg)
-  train_step, eval_step = compile_steps(setup)
   is_writer = jax.process_index() == 0
   pi, pc = jax.process_index(), jax.process_count()
   if cfg.data.source != "synthetic":
@@ -218,6 +241,7 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
     if is_writer and not data_lib.is_prepared(cfg, workdir):
       data_lib.prepare(cfg, workdir)
     sharding_lib.sync("lmjax:prepare")
+  train_step, eval_step = compile_steps(setup, workdir)  # after prepare: it may read the tokenizer
   train_iter = data_lib.make_iterator(cfg, workdir, "train", pi, pc)
   checkpointer = ckpt_lib.Checkpointer(workdir, cfg.train.keep_checkpoints)
 
@@ -306,8 +330,10 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
             bar.set_postfix(loss=f"{record['loss']:.3f}",
                             tok_s=f"{record.get('tokens_per_second', 0):.0f}")
           else:
-            say(f"step {done}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, grad norm "
-                f"{record['grad_norm']:.3f}" + (
+            say(f"step {done}: loss {record['loss']:.4f}" + (
+                f", masked accuracy {record['masked_accuracy']:.3f}"
+                if "masked_accuracy" in record else "") +
+                f", lr {record['lr']:.2e}, grad norm {record['grad_norm']:.3f}" + (
                     f", {record['tokens_per_second']:.0f} tokens/s, MFU {record['mfu']:.1%}, "
                     f"{record['step_time'] * 1000:.0f} ms/step" if "step_time" in record else ""))
         if bar is not None:
@@ -370,7 +396,8 @@ def load_config(workdir: str, overrides=()):
   if not path.exists():
     raise config_lib.ConfigError(f"No run in '{workdir}': {path} is missing. Pass the --workdir "
                                  "of a `lmjax train` run.")
-  saved = config_lib.from_json(path.read_text())
+  saved = config_lib.default_config()  # keys newer than the run take their defaults
+  saved.update(config_lib.from_json(path.read_text()))
   # how processes find each other belongs to the launch, not to the run
   saved.distributed = config_lib.default_config().distributed
   return config_lib.finalize(config_lib.apply_overrides(saved, overrides))

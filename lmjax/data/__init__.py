@@ -17,8 +17,10 @@ def make_iterator(cfg, workdir: str, split: str = "train", process_index: int = 
                   process_count: int = 1, batch_size: int | None = None):
   batch_size = batch_size or cfg.train.batch_size
   if cfg.data.source == "synthetic":
-    return SyntheticIterator(cfg.model.vocab_size, cfg.data.seq_len, batch_size, cfg.train.seed,
-                             process_index, process_count, split)
+    # masked LM keeps the last id out of the stream: it is the mask token (lmjax.masking)
+    vocab = cfg.model.vocab_size - (1 if cfg.train.objective == "masked_lm" else 0)
+    return SyntheticIterator(vocab, cfg.data.seq_len, batch_size, cfg.train.seed, process_index,
+                             process_count, split)
   if not is_prepared(cfg, workdir):
     prepare(cfg, workdir)  # so that `lmjax train` works on a fresh workdir
   from lmjax.data.loader import TokenIterator  # Grain is imported only when batches are needed

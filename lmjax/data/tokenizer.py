@@ -3,7 +3,8 @@
 Trained tokenizers are lossless for code and prose alike: `decode(encode(text)) == text`. Text is not
 normalized (identity rule, whitespace kept), runs of spaces can be single pieces (indentation), "\\n"
 is a piece of its own, digits are split, and anything unseen falls back to its UTF-8 bytes.
-Special ids: pad 0, unk 1, bos 2, eos 3 (documents are separated by eos).
+Special ids: pad 0, unk 1, bos 2, eos 3 (documents are separated by eos); "\\n" is 4, and tokenizers
+trained for masked LM (train.objective=masked_lm) have "[MASK]" at 5.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sentencepiece as spm
 from lmjax.data.sources import is_validation_document, iter_documents
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MASK_PIECE = "[MASK]"  # a user-defined piece of tokenizers trained for masked LM
 # SentencePiece silently skips training "sentences" longer than max_sentence_length bytes; chunks of
 # at most this many characters (<= 4 bytes each) always fit.
 CHUNK_CHARS = 4096
@@ -66,6 +68,7 @@ def train_tokenizer(cfg, out_prefix: str) -> str:
   if cfg.data.tokenizer_type not in ("bpe", "unigram"):
     raise ValueError(f"data.tokenizer_type must be bpe or unigram, got '{cfg.data.tokenizer_type}'.")
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+  masked_lm = cfg.train.objective == "masked_lm"  # "[MASK]" gets id 5, after "\n" (4)
   tmp_prefix = out_prefix + ".tmp"
   try:
     spm.SentencePieceTrainer.train(
@@ -74,7 +77,8 @@ def train_tokenizer(cfg, out_prefix: str) -> str:
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-        user_defined_symbols=["\n"], max_sentence_length=MAX_SENTENCE_BYTES,
+        user_defined_symbols=["\n"] + ([MASK_PIECE] if masked_lm else []),
+        max_sentence_length=MAX_SENTENCE_BYTES,
         num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
     raise ValueError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size (now {vocab_size}) "
