@@ -54,6 +54,27 @@ class Checkpointer:
           "with (see config.json beside it) or a new --workdir.") from None
     return restored.state, dict(restored.data or {})
 
+  def restore_params(self, step: int | None, abstract_params):
+    """Only the params of a checkpoint (nothing else is read), onto `abstract_params`' shardings
+    (fine-tuning starts from a run's params; generation needs no optimizer state)."""
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self.manager.all_steps():
+      raise ConfigError(f"No checkpoint for step {step} in {self.manager.directory}; "
+                        f"available: {self.all_steps() or 'none'}.")
+    restore_args = jax.tree_util.tree_map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        abstract_params)
+    args = ocp.args.PyTreeRestore(item={"params": abstract_params},
+                                  restore_args={"params": restore_args}, partial_restore=True)
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(
+          os.path.join(str(self.manager.directory), str(step), "state"), args=args)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ConfigError(
+          f"The params at step {step} in {self.manager.directory} do not match this model "
+          f"({type(e).__name__}: {str(e)[:300]}).") from None
+    return restored["params"]
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step to export")
 
+  p = sub.add_parser("finetune", help="SFT or classification, full or LoRA, from a trained or "
+                     "converted run (--init)")
+  _add_config_flags(p, config_required=False)  # default: the workdir's config.json (resume)
+  p.add_argument("--init", default=None, metavar="RUN_DIR", help="the run (lmjax train or lmjax "
+                 "convert --from_hf workdir) to start from; sets finetune.init")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+
   p = sub.add_parser("config", help="print the resolved config (every key)")
   _add_config_flags(p, workdir_required=False, config_required=False)
   return parser
@@ -101,6 +108,18 @@ def run(argv) -> int:
   if args.command == "convert":  # its workdir has no config yet (import) or its own (export)
     from lmjax import hf
     return hf.main_convert(args.from_hf, args.to_hf, args.workdir, args.step, overrides)
+  if args.command == "finetune":  # its config is built around the --init run's model
+    from lmjax import finetune
+    from lmjax.sharding import initialize_distributed
+    cfg = finetune.resolve_config(args.config, args.workdir, args.init, overrides)
+    initialize_distributed(cfg)
+    result = finetune.finetune(cfg, args.workdir, progress=not args.no_progress)
+    if result["exported"] is not None:
+      print(f"Wrote step {result['exported']} of {args.workdir} as a plain run (LoRA merged): "
+            f"`lmjax eval/generate --workdir={args.workdir}` use it." + (
+                f" Classifier head: {args.workdir}/{finetune.CLASSIFIER_FILE}."
+                if cfg.finetune.task == "classification" else ""))
+    return 0
   if args.command == "train" and not args.config and not (
       epath.Path(args.workdir) / "config.json").exists():
     raise ConfigError("lmjax train needs --config=FILE.py[:VARIANT] (or a --workdir that holds "

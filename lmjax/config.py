@@ -94,6 +94,17 @@ def default_config() -> ConfigDict:
   c.optim.decay_norms_and_biases = False
   c.optim.accumulation_steps = 1
 
+  c.finetune = ConfigDict()  # `lmjax finetune` only (see finetune.py)
+  c.finetune.init = ""  # run (or converted HF) workdir whose latest params start fine-tuning
+  c.finetune.task = "sft"  # sft | classification
+  c.finetune.data = ""  # jsonl; sft: {"prompt","response"} or {"messages"}; else {"text","label"}
+  c.finetune.val_fraction = 0.1  # held-out examples (at least one), fixed by train.seed
+  c.finetune.lora_rank = 0  # 0 = full fine-tuning
+  c.finetune.lora_alpha = 16.0  # LoRA scale is lora_alpha / lora_rank
+  c.finetune.lora_targets = "query,value"  # of query,key,value,out,up,gate,down
+  c.finetune.num_classes = 0  # classification; 0 = from the data's labels
+  c.finetune.pooling = "last"  # classification: last (the eos; decoders) | mean | first
+
   c.distributed = ConfigDict()
   # "auto": jax.distributed.initialize() when the environment names a cluster (Cloud TPU VM slices
   # with more than one host, SLURM, or the JAX_COORDINATOR_ADDRESS variable); "yes": always, with
@@ -274,6 +285,23 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
   if cfg.optim.accumulation_steps < 1 or cfg.train.batch_size % cfg.optim.accumulation_steps:
     raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                       f"optim.accumulation_steps={cfg.optim.accumulation_steps}.")
+  if "finetune" in cfg:  # configs saved before fine-tuning existed have no such section
+    f = cfg.finetune
+    if f.task not in ("sft", "classification"):
+      raise ConfigError(f"finetune.task must be sft|classification, got '{f.task}'.")
+    if f.pooling not in ("last", "mean", "first"):
+      raise ConfigError(f"finetune.pooling must be last|mean|first, got '{f.pooling}'.")
+    if f.lora_rank < 0 or not 0.0 <= f.val_fraction < 1.0 or f.num_classes < 0:
+      raise ConfigError("finetune.lora_rank and finetune.num_classes must be >= 0 and "
+                        f"finetune.val_fraction in [0, 1); got {f.lora_rank}, {f.num_classes}, "
+                        f"{f.val_fraction}.")
+    targets = [t.strip() for t in f.lora_targets.split(",") if t.strip()]
+    known = ("query", "key", "value", "out", "up", "down") + (
+        ("gate",) if m.style == "llama" else ())
+    if f.lora_rank and (not targets or set(targets) - set(known) or f.lora_alpha <= 0):
+      raise ConfigError(f"finetune.lora_targets must name some of {','.join(known)} (for a "
+                        f"{m.style} model) and finetune.lora_alpha must be > 0; got "
+                        f"'{f.lora_targets}' and {f.lora_alpha}.")
   t = cfg.train
   if t.objective not in ("causal_lm", "masked_lm"):
     raise ConfigError(f"train.objective must be causal_lm|masked_lm, got '{t.objective}'.")

@@ -7,7 +7,8 @@ Shape letters in names:
 
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, kv, mlp, norm, layers) and
 the main activations are constrained to (batch, length, act_*); `sharding.py` maps them to the mesh.
-Decoding uses the 'cache' collection: call with decode=True and mutable=["cache"].
+Decoding uses the 'cache' collection: call with decode=True and mutable=["cache"]. LoRA adapters
+(finetune.py) come in the 'lora' collection, mirroring the params of the projections they adapt.
 """
 from __future__ import annotations
 
@@ -116,6 +117,10 @@ class Projection(nn.Module):
     dt, pdt = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
     kernel = self.param("kernel", _init(self.std, self.axes), self.shape, pdt)
     y = jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+    if self.has_variable("lora", "a"):  # LoRA (finetune.py): + x a b; a [in..., R], b [R, out...]
+      a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")  # b carries the scale
+      xa = jnp.tensordot(x.astype(dt), a.astype(dt), a.ndim - 1)
+      y = y + jnp.tensordot(xa, b.astype(dt), 1)
     if self.bias:
       out_rank = len(self.equation.split("->")[1]) - 2  # features after B, T
       bias_shape, bias_axes = self.shape[-out_rank:], self.axes[-out_rank:]
@@ -130,7 +135,7 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None):
+  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None, segment_ids_BT=None):
     c = self.cfg
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
 
@@ -155,6 +160,9 @@ class Attention(nn.Module):
       # kv_mask_BS (True = a real token) hides pads from every query, which matters when the
       # attention is bidirectional
       mask = None if kv_mask_BS is None else kv_mask_BS.astype(bool)[:, None, None, :]
+      if segment_ids_BT is not None:  # packed examples: each attends within its own segment
+        same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+        mask = same_B1TS if mask is None else mask & same_B1TS
       out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask,
                                               is_causal=c.causal, implementation=impl)
     out_BTNH = _constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
@@ -185,22 +193,19 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     c = self.cfg
-    dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
 
-    def dense(name, features, axes, std):
-      return nn.Dense(features, use_bias=not c.llama, dtype=dt, param_dtype=pdt,
-                      kernel_init=_init(std, axes), bias_init=_zeros(axes[-1:]), name=name)
+    def up(name):  # the same params (kernel [D, F], bias) as nn.Dense, and LoRA-capable
+      return Projection((c.d_model, c.mlp_dim), ("embed", "mlp"), "BTD,DF->BTF", c.init_std,
+                        bias=not c.llama, cfg=c, name=name)(x_BTD)
 
     if c.llama:  # SwiGLU
-      h_BTF = nn.silu(dense("gate", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BTD))
-      h_BTF = h_BTF * dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BTD)
+      h_BTF = nn.silu(up("gate")) * up("up")
     else:
-      h_BTF = nn.gelu(dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BTD), approximate=True)
+      h_BTF = nn.gelu(up("up"), approximate=True)
     h_BTF = _constrain(h_BTF, ("batch", "length", "act_mlp"))
-    return nn.Dense(c.d_model, use_bias=not c.llama, dtype=dt, param_dtype=pdt,
-                    kernel_init=_init(out_std, ("mlp", "embed")), bias_init=_zeros(("norm",)),
-                    name="down")(h_BTF)
+    return Projection((c.mlp_dim, c.d_model), ("mlp", "embed"), "BTF,FD->BTD", out_std,
+                      bias=not c.llama, cfg=c, name="down")(h_BTF)
 
 
 class Block(nn.Module):
@@ -209,11 +214,11 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None):
+  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None, segment_ids_BT=None):
     c = self.cfg
     drop = nn.Dropout(c.dropout, deterministic=self.deterministic or c.dropout == 0)
     h = Attention(c, self.decode, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT,
-                                               kv_mask_BS)
+                                               kv_mask_BS, segment_ids_BT)
     x_BTD = x_BTD + drop(h)
     x_BTD = x_BTD + drop(Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD)))
     return _constrain(x_BTD, ("batch", "length", "act_embed"))
@@ -222,8 +227,8 @@ class Block(nn.Module):
 class ScanBlock(Block):
   """Block with the (carry, xs) -> (carry, ys) signature that nn.scan needs."""
 
-  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None):
-    return super().__call__(x_BTD, positions_BT, kv_mask_BS), None
+  def __call__(self, x_BTD, positions_BT, kv_mask_BS=None, segment_ids_BT=None):
+    return super().__call__(x_BTD, positions_BT, kv_mask_BS, segment_ids_BT), None
 
 
 REMAT_POLICIES = {
@@ -260,7 +265,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, kv_mask_BS=None, *, decode=False,
-               deterministic=True):
+               deterministic=True, return_hidden=False, segment_ids_BT=None):
     c = self.cfg
     dt, pdt = DTYPES[c.dtype], DTYPES[c.param_dtype]
     if positions_BT is None:
@@ -279,16 +284,20 @@ class Transformer(nn.Module):
     if c.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      layers = nn.scan(block, variable_axes={"params": 0, "cache": 0},
+      layers = nn.scan(block, variable_axes={"params": 0, "cache": 0, "lora": 0},
                        split_rngs={"params": True, "dropout": True},
-                       in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, _ = layers(c, decode, deterministic, name="layers")(x_BTD, positions_BT, kv_mask_BS)
+      x_BTD, _ = layers(c, decode, deterministic, name="layers")(x_BTD, positions_BT, kv_mask_BS,
+                                                                 segment_ids_BT)
     else:
       for i in range(c.num_layers):
-        x_BTD = block(c, decode, deterministic, name=f"layer_{i}")(x_BTD, positions_BT, kv_mask_BS)
+        x_BTD = block(c, decode, deterministic, name=f"layer_{i}")(x_BTD, positions_BT, kv_mask_BS,
+                                                                   segment_ids_BT)
 
     x_BTD = Norm(c, name="final_norm")(x_BTD)
+    if return_hidden:  # final-norm states [B, T, D] (float32), e.g. for a classification head
+      return x_BTD.astype(jnp.float32)
     if c.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:

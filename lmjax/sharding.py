@@ -81,9 +81,11 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", None), rules))
 
 
-def put_batch(local_batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """This process's rows -> one global array (each process feeds only its slice)."""
-  return jax.make_array_from_process_local_data(sharding, local_batch)
+def put_batch(local_batch, sharding):
+  """This process's rows -> one global array (each process feeds only its slice); a dict of row
+  arrays with a dict of shardings gives a dict of global arrays."""
+  return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_process_local_data(s, x),
+                                local_batch, sharding)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -52,48 +52,65 @@ def next_token_loss(model: Transformer, params, tokens_BT1, rng, deterministic: 
 
 
 def make_train_step(model: Transformer, optimizer, schedule, accumulation_steps: int = 1,
-                    masking: masking_lib.Masking | None = None):
-  """Causal LM, or masked LM when `masking` is given (see masking.py)."""
+                    masking: masking_lib.Masking | None = None, loss_fn=None, trainable=None):
+  """Causal LM, or masked LM when `masking` is given (see masking.py), or any `loss_fn(params,
+  batch, rng) -> (loss sum, {tokens: count, ...})` of a batch of row arrays (finetune.py; its
+  other sums are reported per token). `trainable` (top-level keys of the params) trains only
+  those: the others get no gradient and no optimizer state (LoRA)."""
+  custom = loss_fn is not None
 
-  def loss_fn(params, batch, rng):  # -> (loss sum, {tokens: count[, correct: count]})
+  def lm_loss(params, batch, rng):  # -> (loss sum, {tokens: count[, correct: count]})
     if masking is None:
       loss, n = next_token_loss(model, params, batch[0], rng, deterministic=False)
       return loss, {"tokens": n}
     return masking_lib.masked_lm_loss(model, params, *batch, rng, deterministic=False)
 
+  loss_fn = loss_fn or lm_loss
+
   def train_step(state: TrainState, tokens_BT1):
     rng, step_rng = jax.random.split(state.rng)
-    if masking is None:
+    if custom:
+      batch = tokens_BT1
+    elif masking is None:
       batch = (tokens_BT1,)
     else:  # masks for the whole batch at once: accumulation does not change them
       mask_rng, step_rng = jax.random.split(step_rng)
       batch = masking_lib.masked_batch(mask_rng, tokens_BT1, masking)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    frozen = {k: v for k, v in state.params.items() if k not in trainable} if trainable else {}
+    params = {k: state.params[k] for k in trainable} if trainable else state.params
+    loss_of = (lambda p, b, r: loss_fn({**p, **frozen}, b, r)) if trainable else loss_fn
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
     def micro_step(carry, xs):  # sums, so that accumulated == large batch exactly
       grad_sum, sums = carry
       micro_batch, i = xs
-      (loss, counts), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, i))
+      (loss, counts), grads = grad_fn(params, micro_batch, jax.random.fold_in(step_rng, i))
       grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
       return (grad_sum, jax.tree_util.tree_map(jnp.add, sums, {"loss": loss, **counts})), None
 
     a = accumulation_steps
-    b = tokens_BT1.shape[0]
+    b = jax.tree_util.tree_leaves(batch)[0].shape[0]
     # rows j, j+A, j+2A, ... form micro-batch j: slicing the unsharded axis keeps every
     # micro-batch spread over all devices with no communication.
-    micro = jax.tree_util.tree_map(lambda x: x.reshape(b // a, a, -1).swapaxes(0, 1), batch)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    sums = {k: jnp.zeros((), jnp.float32) for k in
-            (("loss", "tokens") if masking is None else ("loss", "tokens", "correct"))}
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape(b // a, a, *x.shape[1:]).swapaxes(0, 1), batch)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    _, aux = jax.eval_shape(loss_of, params, jax.tree_util.tree_map(lambda x: x[0], micro),
+                            step_rng)
+    sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", *aux)}
     (grad_sum, sums), _ = jax.lax.scan(micro_step, (zeros, sums), (micro, jnp.arange(a)))
     count = jnp.maximum(sums["tokens"], 1.0)  # a masked-LM batch may select no token at all
     grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if trainable:
+      params = {**state.params, **params}
     metrics = {"loss": sums["loss"] / count, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     if masking is not None:
       metrics["masked_accuracy"] = sums["correct"] / count
+    if custom:
+      metrics.update({k: v / count for k, v in sums.items() if k not in ("loss", "tokens")})
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return train_step
@@ -243,7 +260,27 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
     sharding_lib.sync("lmjax:prepare")
   train_step, eval_step = compile_steps(setup, workdir)  # after prepare: it may read the tokenizer
   train_iter = data_lib.make_iterator(cfg, workdir, "train", pi, pc)
-  checkpointer = ckpt_lib.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  result = run_loop(
+      cfg, workdir, setup, train_step, train_iter,
+      lambda params: evaluate_lib.evaluate_split(cfg, workdir, setup, eval_step, params),
+      progress=progress, stop_at_step=stop_at_step)
+  if not result["stopped_by"] and cfg.train.sample_prompt and cfg.data.source != "synthetic":
+    result["sample"] = sample_continuation(cfg, workdir, setup, result["state"].params)
+  return result
+
+
+def run_loop(cfg, workdir: str, setup: Setup, train_step, train_iter, evaluate=None, *,
+             progress: bool = True, stop_at_step: int | None = None,
+             checkpoint_workdir: str | None = None, format_eval=evaluate_lib.format_result):
+  """The loop of `train` and `lmjax finetune`: restores the latest checkpoint of
+  `checkpoint_workdir` (default `workdir`; data position included) or starts from
+  `setup.init_fn()`, then runs `train_step` on `train_iter`'s batches (an array or a dict of
+  arrays of this process's rows) up to train.steps, writing metrics to `workdir`, calling
+  `evaluate(params) -> dict` every train.eval_every steps and at the end, checkpointing, and
+  stopping cleanly on SIGTERM / Ctrl-C."""
+  is_writer = jax.process_index() == 0
+  checkpoint_workdir = checkpoint_workdir or workdir
+  checkpointer = ckpt_lib.Checkpointer(checkpoint_workdir, cfg.train.keep_checkpoints)
 
   start = checkpointer.latest_step()
   if start is not None:
@@ -280,7 +317,7 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
       _log(msg)
 
   def run_eval(step, params):
-    result = evaluate_lib.evaluate_split(cfg, workdir, setup, eval_step, params)
+    result = evaluate(params)
     writer.write(step, "val", **result)
     return result
 
@@ -295,8 +332,8 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
       kept = checkpointer.latest_step()
       raise TrainingError(
           f"Loss became {loss} at step {step}: training diverged. Nothing after it was saved; the "
-          f"last good checkpoint is step {kept} in {ckpt_lib.checkpoint_dir(workdir)}. Lower "
-          "optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun.")
+          f"last good checkpoint is step {kept} in {ckpt_lib.checkpoint_dir(checkpoint_workdir)}. "
+          "Lower optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun.")
 
   try:
     with _StopRequest() as stop, setup.context():
@@ -339,9 +376,9 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
         if bar is not None:
           bar.update(1)
 
-        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+        if evaluate and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
           last_val = run_eval(done, state.params)
-          say(evaluate_lib.format_result(done, last_val))
+          say(format_eval(done, last_val))
           interval_start, interval_steps = time.perf_counter(), 0
         if stop_at_step is not None and done >= stop_at_step and not stop.requested:
           stop.requested = f"stop_at_step={stop_at_step}"
@@ -365,9 +402,6 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
       train_iter.close()
 
   final_step = int(jax.device_get(state.step))
-  sample = None
-  if not stopped_by and cfg.train.sample_prompt and cfg.data.source != "synthetic":
-    sample = sample_continuation(cfg, workdir, setup, state.params)
   if stopped_by:
     _log(f"Stopped by {stopped_by} at step {final_step}; checkpoint saved. Rerun the same command "
          "to resume.")
@@ -375,7 +409,7 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
     _log(f"{workdir} already finished {start} of {cfg.train.steps} steps; raise "
          "--config.train.steps to train further.")
   return {"step": final_step, "train": last_train, "val": last_val, "stopped_by": stopped_by,
-          "sample": sample, "state": state, "setup": setup}
+          "sample": None, "state": state, "setup": setup}
 
 
 def sample_continuation(cfg, workdir: str, setup: Setup, params, max_new_tokens: int = 96) -> dict:
