@@ -115,10 +115,12 @@ def run(argv) -> int:
     initialize_distributed(cfg)
     result = finetune.finetune(cfg, args.workdir, progress=not args.no_progress)
     if result["exported"] is not None:
-      print(f"Wrote step {result['exported']} of {args.workdir} as a plain run (LoRA merged): "
-            f"`lmjax eval/generate --workdir={args.workdir}` use it." + (
-                f" Classifier head: {args.workdir}/{finetune.CLASSIFIER_FILE}."
-                if cfg.finetune.task == "classification" else ""))
+      merged = " (adapters merged)" if cfg.finetune.lora_rank else ""
+      print(f"Wrote the final params{merged} as step {result['exported']} of a plain run in "
+            f"{args.workdir}" + (
+                f"; the classifier head is in {args.workdir}/{finetune.CLASSIFIER_FILE}."
+                if cfg.finetune.task == "classification" else
+                f": `lmjax generate --workdir={args.workdir}` samples from it."))
     return 0
   if args.command == "train" and not args.config and not (
       epath.Path(args.workdir) / "config.json").exists():
