@@ -243,9 +243,11 @@ def test_classification_from_the_command_line(init_run):
   val = [r for r in read_metrics(out) if r["split"] == "val"]
   assert [r["step"] for r in val] == [30, 40] and val[-1]["accuracy"] > 0.8
   assert (out / "classifier.npz").exists() and (out / "checkpoints" / "40").exists()
-  # rerunning finds it finished; the saved config resumes without --config
-  proc = run_cli("finetune", f"--workdir={out}", "--no_progress")
-  assert proc.returncode == 0 and "already finished 40 of 40 steps" in proc.stdout
+  # rerunning with the workdir alone (its config.json) finds it finished
+  cfg = ft.resolve_config(None, str(out))
+  assert cfg.finetune.init == init_run["init"] and cfg.train.steps == 40
+  result = ft.finetune(cfg, str(out), progress=False)
+  assert result["step"] == 40 and result["exported"] == 40 and not result["train"]
 
 
 def test_starts_from_a_converted_hugging_face_checkpoint(tmp_path):
