@@ -773,10 +773,16 @@ def finetune(cfg, workdir: str, progress: bool = True, stop_at_step: int | None 
   if jax.process_index() == 0:
     counts = ", ".join(f"{split} {s['examples']}" for split, s in data.stats.items()
                        if isinstance(s, dict) and s)
+    if f.task == "sft":
+      cut = sum(s.get("truncated", 0) for s in data.stats.values())
+      dropped = sum(s.get("dropped", 0) for s in data.stats.values())
+      counts += f"; {data.stats['train']['rows']} packed rows" + (
+          f"; {cut} examples cut to data.seq_len + 1 tokens" if cut else "") + (
+          f"; {dropped} left out (no response token within them)" if dropped else "")
+    else:
+      counts += f"; {len(data.labels)} classes"
     print(f"Fine-tuning ({f.task}, {how}: {num_trainable(cfg, setup) / 1e6:.3f}M trainable) from "
-          f"{f.init}; examples: {counts}" + (
-              f"; {data.stats['train']['rows']} packed rows" if f.task == "sft" else
-              f"; {len(data.labels)} classes") + ".", flush=True)
+          f"{f.init}; examples: {counts}.", flush=True)
   result = train_lib.run_loop(cfg, workdir, setup, train_step, rows, evaluate,
                               progress=progress, stop_at_step=stop_at_step,
                               checkpoint_workdir=os.path.join(workdir, STATE_DIR),
