@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli, run_python, tiny_config
+
 from lmjax import masking as masking_lib
 from lmjax import train as train_lib
 from lmjax.config import ConfigError
@@ -143,8 +143,9 @@ from lmjax.data import make_iterator
 out = {}
 for name, devices, extra in [
     ("1 device", jax.devices()[:1], ()),
-    ("(2, 2, 2) mesh", None, ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")),
-    ("8 devices, accumulation 2", None, ("mesh.data=8", "optim.accumulation_steps=2"))]:
+    # masks drawn on batch shards, accuracy's argmax over vocabulary shards, two micro-batches
+    ("(2, 2, 2) mesh, accumulation 2", None,
+     ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "optim.accumulation_steps=2"))]:
   cfg = tiny_config("model.causal=false", "train.objective=masked_lm", "train.batch_size=16",
                     "optim.warmup_steps=0", "optim.eps=1.0", *extra)
   setup = train_lib.build(cfg, devices)
@@ -228,3 +229,41 @@ def test_bert_config_variants():
   assert sizes["tiny"] < 1 and 105 < sizes["base"] < 115 and 330 < sizes["large"] < 345
   with pytest.raises(ValueError, match="Unknown bert variant"):
     config_lib.get_config(f"{ROOT}/configs/bert.py:huge")
+
+
+GROUPS = {"fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
+          "color": ["red", "blue", "green", "black", "white", "pink", "gray", "gold"],
+          "animal": ["cat", "dog", "horse", "mouse", "tiger", "sheep", "goat", "bear"]}
+
+
+def test_classification_fine_tuning_from_an_encoder(tmp_path):
+  """`lmjax finetune` (classification) from a masked-LM run: texts of 4 words labelled by the
+  group of the LAST word, pooled at the FIRST token, which only bidirectional attention lets see
+  the last word (a causal model's first position sees its own token only: chance, 1/3)."""
+  from lmjax import finetune as ft
+  rng = np.random.default_rng(0)
+  words = [w for group in GROUPS.values() for w in group]
+  os.makedirs(tmp_path / "corpus")
+  for d in range(10):
+    (tmp_path / "corpus" / f"doc{d}.txt").write_text(
+        "".join(" ".join(rng.choice(words, 8)) + "\n" for _ in range(60)))
+  init = str(tmp_path / "init")
+  train_lib.train(tiny_config(*MLM, f"data.source=text:{tmp_path}/corpus/*.txt",
+                              "model.vocab_size=512", "data.vocab_size=400", "data.num_workers=1",
+                              "data.val_fraction=0.1", "train.steps=30", "train.eval_every=30",
+                              "train.checkpoint_every=30"), init, progress=False)
+  labels = list(GROUPS)
+  examples = [{"text": " ".join([*rng.choice(words, 3), rng.choice(GROUPS[labels[i % 3]])]),
+               "label": labels[i % 3]} for i in range(240)]
+  data = tmp_path / "cls.jsonl"
+  data.write_text("".join(json.dumps(e) + "\n" for e in examples))
+  out = str(tmp_path / "cls")
+  cfg = ft.resolve_config(f"{ROOT}/configs/finetune.py:classification", out, init, [
+      "train.batch_size=16", "train.steps=60", "train.log_every=20", "train.eval_every=30",
+      "train.checkpoint_every=60", "optim.warmup_steps=2", "optim.learning_rate=1e-2",
+      "optim.weight_decay=0.0", "data.seq_len=16", f"finetune.data={data}",
+      "finetune.pooling=first", "finetune.val_fraction=0.25"])
+  assert not cfg.model.causal and cfg.train.objective == "masked_lm"  # the encoder, as trained
+  ft.finetune(cfg, out, progress=False)
+  val = [r for r in read_metrics(out) if r["split"] == "val"]
+  assert val[-1]["step"] == 60 and val[-1]["accuracy"] > 0.8  # chance: 1/3
