@@ -44,7 +44,9 @@ def default_config() -> ConfigDict:
   c.model.param_dtype = "float32"
   c.model.scan_layers = False
   c.model.remat = "none"  # none | full | dots | dots_no_batch
-  c.model.attention = "xla"  # xla | cudnn (flash attention on NVIDIA GPUs) | auto
+  # xla: lmjax's einsum-softmax (model.attention()) | cudnn: flash attention on NVIDIA GPUs |
+  # auto: jax.nn.dot_product_attention picks
+  c.model.attention = "xla"
   c.model.causal = True  # False: bidirectional attention (an encoder; train.objective=masked_lm)
 
   c.data = ConfigDict()

@@ -18,6 +18,7 @@ PEAK_FLOPS = {
     "TPU v6 lite": 918e12,  # v6e (Trillium)
     "TPU v6e": 918e12,
     "H100": 989e12,  # SXM
+    "H100 PCIe": 756e12,
     "H200": 989e12,
     "A100": 312e12,
 }

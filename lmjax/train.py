@@ -98,7 +98,11 @@ def make_train_step(model: Transformer, optimizer, schedule, accumulation_steps:
     _, aux = jax.eval_shape(loss_of, params, jax.tree_util.tree_map(lambda x: x[0], micro),
                             step_rng)
     sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", *aux)}
-    (grad_sum, sums), _ = jax.lax.scan(micro_step, (zeros, sums), (micro, jnp.arange(a)))
+    if a == 1:  # a one-trip scan would put the whole step inside a while loop: slower on CPU
+      only = jax.tree_util.tree_map(lambda x: x[0], micro)
+      (grad_sum, sums), _ = micro_step((zeros, sums), (only, jnp.zeros((), jnp.int32)))
+    else:
+      (grad_sum, sums), _ = jax.lax.scan(micro_step, (zeros, sums), (micro, jnp.arange(a)))
     count = jnp.maximum(sums["tokens"], 1.0)  # a masked-LM batch may select no token at all
     grads = jax.tree_util.tree_map(lambda g: g / count, grad_sum)
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
@@ -337,10 +341,17 @@ def run_loop(cfg, workdir: str, setup: Setup, train_step, train_iter, evaluate=N
 
   try:
     with _StopRequest() as stop, setup.context():
-      for step in range(start, cfg.train.steps):
+      def next_batch():  # (the batch placed on the devices, the data position after it)
         batch = sharding_lib.put_batch(next(train_iter), setup.batch_sharding)
+        return batch, train_iter.get_state()
+
+      upcoming = next_batch() if start < cfg.train.steps else None
+      for step in range(start, cfg.train.steps):
+        (batch, data_state), upcoming = upcoming, None
         state, metrics = train_step(state, batch)
         done = step + 1
+        if done < cfg.train.steps:  # the next batch loads and transfers while this step computes
+          upcoming = next_batch()
         if pending is not None:
           check_finite(*pending)
         pending = (done, metrics)
@@ -386,7 +397,7 @@ def run_loop(cfg, workdir: str, setup: Setup, train_step, train_iter, evaluate=N
           stop.requested = "another host's stop request"  # every host saves at the same step
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
           check_finite(*pending)
-          checkpointer.save(done, state, train_iter.get_state(), force=True)
+          checkpointer.save(done, state, data_state, force=True)  # position after `batch`
           interval_start, interval_steps = time.perf_counter(), 0
         if stop.requested:
           stopped_by = stop.requested

@@ -1,0 +1,109 @@
+"""lmjax vs a plain PyTorch loop, same model and training math, on this machine's CPU.
+
+  python benchmarks/compare_cpu.py [--runs 5] [--steps 10] [--threads 2]
+
+Shape: GPT-2 style, 6 layers, d_model 384, 6 heads, MLP 1536, vocabulary 8192, sequence 256,
+global batch 16, float32, AdamW with global-norm clipping (13.9M parameters). Each run is a fresh
+process (lmjax through `lmjax.bench.benchmark`, torch through benchmarks/torch_gpt.py), and the
+frameworks alternate (lmjax, torch, lmjax, torch, ...) so that load from other processes on a
+shared machine falls on both. Both get the same cores: each child is pinned to the first
+`--threads` cores (XLA sizes its thread pool from the process's CPU affinity) and torch also
+calls `torch.set_num_threads`. torch runs eagerly with its best CPU settings (fused AdamW,
+`F.scaled_dot_product_attention`); lmjax with its defaults (no XLA flags). Prints each run, then
+the median tokens/s of each, their ratio and the spread, and the load average before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = {"layers": 6, "d_model": 384, "heads": 6, "vocab": 8192, "seq_len": 256, "batch": 16}
+
+LMJAX_OVERRIDES = [
+    "model.style=gpt2", f"model.num_layers={SHAPE['layers']}", f"model.d_model={SHAPE['d_model']}",
+    f"model.num_heads={SHAPE['heads']}", f"model.mlp_dim={4 * SHAPE['d_model']}",
+    f"model.vocab_size={SHAPE['vocab']}", f"model.max_len={SHAPE['seq_len']}",
+    f"data.seq_len={SHAPE['seq_len']}", f"train.batch_size={SHAPE['batch']}",
+    "model.dtype=float32", "model.param_dtype=float32", "optim.name=adamw", "data.source=synthetic",
+]
+
+
+def lmjax_config(extra=()):
+  from lmjax import config as config_lib
+  return config_lib.get_config(None, LMJAX_OVERRIDES + list(extra))
+
+
+def run_lmjax_here(steps: int, warmup: int, extra=()) -> dict:
+  from lmjax import bench
+  r = bench.benchmark(lmjax_config(extra), steps=steps, warmup=warmup, loader=False)
+  return {"framework": "lmjax", "num_params": r["num_params"],
+          "tokens_per_second": r["tokens_per_second"], "step_time_s": r["step_time_seconds"],
+          "compile_seconds": r["compile_seconds"]}
+
+
+def child(framework: str, steps: int, warmup: int, threads: int, extra=()) -> dict:
+  """One run in a fresh process pinned to `threads` cores."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  if framework == "lmjax":
+    cmd = [sys.executable, __file__, "--child", "--steps", str(steps), "--warmup", str(warmup)]
+    cmd += [f"--config.{o}" for o in extra]
+  else:
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "torch_gpt.py"), "--steps", str(steps),
+           "--warmup", str(warmup), "--threads", str(threads)]
+    cmd += [f"--{k}={v}" for k, v in SHAPE.items()]
+  cores = sorted(os.sched_getaffinity(0))[:threads]
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False,
+                       preexec_fn=lambda: os.sched_setaffinity(0, cores))
+  if out.returncode:
+    raise RuntimeError(f"{framework} run failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(values) -> str:
+  return (f"median {statistics.median(values):,.0f} (min {min(values):,.0f}, "
+          f"max {max(values):,.0f}, n={len(values)})")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--runs", type=int, default=5, help="runs of each framework, alternating")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--threads", type=int, default=2, help="cores/threads each framework may use")
+  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  args, rest = p.parse_known_args()
+  extra = [a[len("--config."):] for a in rest if a.startswith("--config.")]
+  if args.child:
+    print(json.dumps(run_lmjax_here(args.steps, args.warmup, extra)))
+    return
+  results = {"lmjax": [], "torch": []}
+  load_before = os.getloadavg()
+  print(f"load average before: {load_before[0]:.2f} (1 min), {load_before[1]:.2f} (5 min)",
+        flush=True)
+  for i in range(args.runs):
+    for framework in ("lmjax", "torch"):
+      r = child(framework, args.steps, args.warmup, args.threads, extra)
+      results[framework].append(r["tokens_per_second"])
+      print(f"run {i + 1} {framework:>5}: {r['tokens_per_second']:8,.0f} tokens/s "
+            f"({r['num_params']:,} params)", flush=True)
+  load_after = os.getloadavg()
+  print(f"load average after: {load_after[0]:.2f} (1 min), {load_after[1]:.2f} (5 min)")
+  ratios = [j / t for j, t in zip(results["lmjax"], results["torch"])]
+  print(f"lmjax tokens/s: {summarize(results['lmjax'])}")
+  print(f"torch tokens/s: {summarize(results['torch'])}")
+  ratio = statistics.median(results["lmjax"]) / statistics.median(results["torch"])
+  print(f"lmjax / torch: {ratio:.2f}x (ratio of medians); per-pair ratios "
+        f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")
+  print(json.dumps({"shape": SHAPE, "threads": args.threads, "steps": args.steps,
+                    "overrides": extra, **results, "pair_ratios": ratios,
+                    "ratio_of_medians": ratio,
+                    "load_before": load_before[:2], "load_after": load_after[:2]}))
+
+
+if __name__ == "__main__":
+  main()
