@@ -15,9 +15,12 @@ Commands:
   status   describe the TPU VM (or queued resource): state, workers' IPs
   setup    copy this checkout to every worker (or git clone --repo) and install lmjax + jax[tpu]
   run      start `lmjax train` on every worker in the background, logging to ~/lmjax-RUN.log
+  sweep    the same for `lmjax sweep` (--config is a sweep config, e.g. configs/sweeps/pod.py): the
+           sweep's points train one after another, each on the whole slice
   logs     follow the log of one worker (worker 0 unless --worker=N)
-  stop     SIGTERM `lmjax train` on every worker: all save a checkpoint at the same step and
-           exit; waits until they have. Rerun `run` with the same flags to resume.
+  stop     SIGTERM `lmjax train` (or `lmjax sweep`) on every worker: all save a checkpoint at the
+           same step and exit; waits until they have. Rerun `run` (`sweep`) with the same flags
+           to resume.
   delete   delete the TPU VM (or queued resource, with its VM)
 
 Options (flag, or the environment variable in brackets):
@@ -37,14 +40,16 @@ Options (flag, or the environment variable in brackets):
   --config FILE[:VAR]  run: config, a path inside the repo, e.g. configs/llama.py:1b [LMJAX_CONFIG]
   --run RUN            run/logs: run name, used for the log file and the default workdir
                        (default from --config: configs/llama.py:1b -> llama-1b)  [LMJAX_RUN]
-  --bucket BUCKET      run: workdir = gs://BUCKET/runs/RUN                [LMJAX_BUCKET]
+  --bucket BUCKET      run: workdir = gs://BUCKET/runs/RUN (sweep: gs://BUCKET/sweeps/RUN)
+                                                                          [LMJAX_BUCKET]
   --workdir DIR        run: the workdir itself, e.g. gs://BUCKET/runs/x (wins over --bucket)
   --worker N           logs: which worker's log (default 0)
   --yes                delete without gcloud's confirmation prompt
   --dry-run            print the commands, run nothing
   -h, --help           this help
 
-Any --config.KEY=VALUE argument, and everything after --, is passed to `lmjax train` as is.
+Any --config.KEY=VALUE argument, and everything after --, is passed to `lmjax train` (or
+`lmjax sweep`) as is.
 
 Example (v5p-32: 4 workers, 16 chips, 16 JAX devices):
   launch/tpu.sh create --name=lm --zone=us-east5-a --type=v5p-32 --spot
@@ -161,9 +166,9 @@ while (($#)); do
   esac
 done
 
-[[ -n $command ]] || die "missing COMMAND: create, status, setup, run, logs, stop or delete"
+[[ -n $command ]] || die "missing COMMAND: create, status, setup, run, sweep, logs, stop or delete"
 case $command in
-  create | status | setup | run | logs | stop | delete) ;;
+  create | status | setup | run | sweep | logs | stop | delete) ;;
   *) die "unknown command '$command'" ;;
 esac
 [[ -n $name ]] || die "$command needs --name (or LMJAX_TPU_NAME)"
@@ -265,19 +270,22 @@ case $command in
     ssh_all "$venv/bin/python -c 'import jax; print(jax.device_count(), \"devices,\", jax.local_device_count(), \"local\")'"
     ;;
 
-  run)
-    [[ -n $config ]] || die "run needs --config, e.g. --config=configs/llama.py:1b (or LMJAX_CONFIG)"
+  run | sweep)
+    # run: `lmjax train`; sweep: `lmjax sweep` (a scaling sweep's points, one after another)
+    subcommand=train runs=runs example=configs/llama.py:1b
+    [[ $command == run ]] || subcommand=sweep runs=sweeps example=configs/sweeps/pod.py
+    [[ -n $config ]] || die "$command needs --config, e.g. --config=$example (or LMJAX_CONFIG)"
     derive_run_name
     if [[ -z $workdir ]]; then
-      [[ -n $bucket ]] || die "run needs --bucket=BUCKET (workdir gs://BUCKET/runs/RUN) or --workdir=DIR"
-      workdir=gs://$bucket/runs/$run_name
+      [[ -n $bucket ]] || die "$command needs --bucket=BUCKET (workdir gs://BUCKET/$runs/RUN) or --workdir=DIR"
+      workdir=gs://$bucket/$runs/$run_name
     fi
-    train=$(quote train --config="$config" --workdir="$workdir" --no_progress \
+    train=$(quote "$subcommand" --config="$config" --workdir="$workdir" --no_progress \
       ${train_args[@]+"${train_args[@]}"})
     # nohup + redirects: the ssh session returns at once and the run outlives it. The log is
     # appended to, so a resumed run keeps the earlier output. Unbuffered: the log is live.
     ssh_all "cd ~/lmjax || exit 1; PYTHONUNBUFFERED=1 nohup $venv/bin/lmjax $train >> ~/lmjax-$run_name.log 2>&1 < /dev/null &"
-    ((dry_run)) || echo "Started run '$run_name' (workdir $workdir) on every worker." \
+    ((dry_run)) || echo "Started $command '$run_name' (workdir $workdir) on every worker." \
       "Follow it: launch/tpu.sh logs --name=$name --zone=$zone --run=$run_name" >&2
     ;;
 
@@ -295,10 +303,10 @@ case $command in
 
   stop)
     # The pattern [l]mjax does not match this command's own shell, whose command line holds
-    # "[l]mjax train" (and must hold the plain words nowhere). lmjax passes one host's stop request
-    # to all, so every host saves the same step. Waiting for the exit means the checkpoint is
-    # written when this returns.
-    ssh_all "pkill -TERM -f '[l]mjax train' || true; while pgrep -f '[l]mjax train' > /dev/null; do sleep 1; done; echo \"\$(hostname): stopped\""
+    # "[l]mjax (train|sweep)" (and must hold the plain words nowhere). lmjax passes one host's stop
+    # request to all, so every host saves the same step (a sweep stops after its current point's
+    # checkpoint). Waiting for the exit means the checkpoint is written when this returns.
+    ssh_all "pkill -TERM -f '[l]mjax (train|sweep)' || true; while pgrep -f '[l]mjax (train|sweep)' > /dev/null; do sleep 1; done; echo \"\$(hostname): stopped\""
     ;;
 
   delete)

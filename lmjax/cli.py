@@ -77,6 +77,36 @@ def _parser() -> argparse.ArgumentParser:
                  "convert --from_hf workdir) to start from; sets finetune.init")
   p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
 
+  p = sub.add_parser("sweep", help="scaling sweep: train every (model shape, budget) point of a "
+                     "sweep config, or print cluster launch commands for them")
+  p.add_argument("--config", required=True, metavar="SWEEP.py", help="sweep config file, e.g. "
+                 "configs/sweeps/cpu.py; --config.KEY=VALUE overrides its base training config")
+  p.add_argument("--workdir", required=True, help="sweep directory: a run directory per point")
+  p.add_argument("--plan", action="store_true", help="print the points (N, D, C, steps, status) "
+                 "and exit")
+  p.add_argument("--point", default=None, help="train only this point")
+  p.add_argument("--launch", choices=("slurm", "tpu"), default=None, help="print the launch/ "
+                 "commands that run the unfinished points on a cluster, and exit")
+  p.add_argument("--prepare_only", action="store_true", help="prepare the points' shared data "
+                 "(tokenizer, shards) and exit")
+  p.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
+
+  p = sub.add_parser("fit", help="fit scaling laws to a sweep's results: constants, "
+                     "compute-optimal N and D, plots")
+  p.add_argument("--workdir", required=True, help="the sweep directory (its results.jsonl)")
+  p.add_argument("--params", choices=("nonembedding", "total"), default="nonembedding",
+                 help="N: non-embedding parameters (default) or all of them")
+  p.add_argument("--bootstrap", type=int, default=200, help="resamples for the intervals (0: none)")
+  p.add_argument("--no_plots", action="store_true", help="no PNG plots (no matplotlib needed)")
+
+  p = sub.add_parser("coordcheck", help="muP coordinate check: how much a few steps change each "
+                     "layer's activations at several widths, sp against mup")
+  p.add_argument("--config", default=None, metavar="FILE.py[:VARIANT]", help="the model to vary "
+                 "(its d_model is replaced; default: the default config)")
+  p.add_argument("--widths", default="64,128,256,512", help="d_model values, comma-separated")
+  p.add_argument("--steps", type=int, default=3, help="optimizer steps before measuring")
+  p.add_argument("--plot", default=None, metavar="PATH.png", help="also plot the changes here")
+
   p = sub.add_parser("config", help="print the resolved config (every key)")
   _add_config_flags(p, workdir_required=False, config_required=False)
   return parser
@@ -121,6 +151,18 @@ def run(argv) -> int:
                 f"; the classifier head is in {args.workdir}/{finetune.CLASSIFIER_FILE}."
                 if cfg.finetune.task == "classification" else
                 f": `lmjax generate --workdir={args.workdir}` samples from it."))
+    return 0
+  if args.command == "sweep":  # a sweep config is not a training config
+    from lmjax import sweep
+    return sweep.main_sweep(args.config, args.workdir, overrides, point=args.point,
+                            launch=args.launch, plan=args.plan, prepare_only=args.prepare_only,
+                            progress=not args.no_progress)
+  if args.command == "fit":
+    if overrides:
+      raise ConfigError("lmjax fit takes no --config.* overrides: it reads the sweep's results.")
+    from lmjax import scaling
+    scaling.main_fit(args.workdir, params=args.params, bootstrap_samples=args.bootstrap,
+                     plots=not args.no_plots)
     return 0
   if args.command == "train" and not args.config and not (
       epath.Path(args.workdir) / "config.json").exists():
@@ -167,6 +209,9 @@ def run(argv) -> int:
     from lmjax import bench
     bench.run(cfg, steps=args.steps, warmup=args.warmup, json_path=args.json,
               workdir=args.workdir, loader=not args.no_loader)
+  elif args.command == "coordcheck":
+    from lmjax import mup
+    mup.main_coordcheck(cfg, args.widths, args.steps, args.plot)
   elif args.command == "tokenizer":
     from lmjax import data as data_lib
     print(data_lib.resolve_tokenizer(cfg, args.workdir))

@@ -48,6 +48,10 @@ def default_config() -> ConfigDict:
   # auto: jax.nn.dot_product_attention picks
   c.model.attention = "xla"
   c.model.causal = True  # False: bidirectional attention (an encoder; train.objective=masked_lm)
+  # sp: standard parametrization | mup: maximal update parametrization (hyperparameters tuned at
+  # d_model = mup_base_width transfer to other widths; see model.ModelConfig.width_mult)
+  c.model.parametrization = "sp"
+  c.model.mup_base_width = 0
 
   c.data = ConfigDict()
   c.data.source = "synthetic"  # synthetic | pystdlib | text:GLOB | tfds:NAME
@@ -272,6 +276,13 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
     raise ConfigError(f"model.remat must be none|full|dots|dots_no_batch, got '{m.remat}'.")
   if m.attention not in ("xla", "cudnn", "auto"):
     raise ConfigError(f"model.attention must be xla|cudnn|auto, got '{m.attention}'.")
+  parametrization = m.get("parametrization", "sp")  # configs saved before muP have none
+  if parametrization not in ("sp", "mup"):
+    raise ConfigError(f"model.parametrization must be sp|mup, got '{parametrization}'.")
+  if parametrization == "mup" and m.mup_base_width < 1:
+    raise ConfigError("model.parametrization=mup needs model.mup_base_width: the d_model at which "
+                      "the learning rate and init were tuned (e.g. --config.model.mup_base_width="
+                      f"{m.d_model} to tune at this width).")
   if m.attention == "cudnn" and m.dtype == "float32":
     raise ConfigError("model.attention=cudnn (flash attention) needs model.dtype=bfloat16 or "
                       "float16; use model.attention=xla for float32.")

@@ -527,6 +527,10 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None) -> dict:
   if not cfg.model.causal:  # before restoring anything
     raise ConversionError(f"The run in '{workdir}' is a bidirectional encoder (model.causal="
                           "False); export writes causal GPT-2 / Llama checkpoints only.")
+  if cfg.model.parametrization == "mup":  # transformers has no muP multipliers
+    raise ConversionError(f"The run in '{workdir}' uses muP (model.parametrization=mup): its logit "
+                          "multiplier and 1/head_dim attention scale have no place in a GPT-2 / "
+                          "Llama checkpoint, which would compute other logits.")
   cfg, _, state = train_lib.load_run(workdir, step)
   tokenizer = _run_tokenizer(cfg, workdir)
   config = hf_config(cfg, _special_ids(tokenizer))

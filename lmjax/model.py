@@ -44,6 +44,8 @@ class ModelConfig:
   remat: str = "none"
   attention: str = "xla"
   causal: bool = True  # False: every position attends to the whole sequence (an encoder)
+  parametrization: str = "sp"  # sp | mup (maximal update parametrization; see width_mult)
+  mup_base_width: int = 0  # mup: the d_model at which the hyperparameters were tuned
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -53,6 +55,23 @@ class ModelConfig:
   @property
   def llama(self) -> bool:
     return self.style == "llama"
+
+  # muP (Yang et al. 2022, "Tensor Programs V"), relative to the base width where it equals sp:
+  # hidden matrices (attention and MLP kernels) start with std / sqrt(width_mult), attention
+  # logits are scaled by 1/head_dim instead of 1/sqrt(head_dim), the logits by 1/width_mult, and
+  # the optimizer gives hidden matrices lr / width_mult (optim.py). Embeddings, norms and biases
+  # keep sp's init and learning rate.
+  @property
+  def width_mult(self) -> float:
+    return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+  @property
+  def hidden_std(self) -> float:
+    return self.init_std / math.sqrt(self.width_mult)
+
+  @property
+  def attention_scale(self) -> float | None:  # None: jax's default 1/sqrt(head_dim)
+    return 1.0 / self.head_dim if self.parametrization == "mup" else None
 
 
 def _init(std: float, names: tuple):
@@ -226,11 +245,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, positions_BT, kv_mask_BS=None, segment_ids_BT=None):
     c = self.cfg
-    out_std = c.init_std / math.sqrt(2 * c.num_layers)
+    out_std = c.hidden_std / math.sqrt(2 * c.num_layers)
 
     def proj(name, heads, axis):
       return Projection((c.d_model, heads, c.head_dim), ("embed", axis, "kv"), "BTD,DNH->BTNH",
-                        c.init_std, bias=not c.llama, cfg=c, name=name)(x_BTD)
+                        c.hidden_std, bias=not c.llama, cfg=c, name=name)(x_BTD)
 
     q_BTNH = proj("query", c.num_heads, "heads")
     k_BTKH = proj("key", c.num_kv_heads, "kv_heads")
@@ -252,10 +271,11 @@ class Attention(nn.Module):
         same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
         mask = same_B1TS if mask is None else mask & same_B1TS
       if c.attention == "xla":
-        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, c.causal)
+        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, c.causal, c.attention_scale)
       else:  # cudnn (flash attention), or auto: JAX picks
         impl = None if c.attention == "auto" else c.attention
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask,
+                                                scale=c.attention_scale,
                                                 is_causal=c.causal, implementation=impl)
     out_BTNH = _constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
     return Projection((c.num_heads, c.head_dim, c.d_model), ("heads", "kv", "embed"),
@@ -276,7 +296,8 @@ class Attention(nn.Module):
     s = k_BSKH.shape[1]
     causal_TS = jnp.arange(s)[None, :] <= (i + jnp.arange(t))[:, None]
     mask_BTS = causal_TS[None] & kv_mask_BS[:, None, :].astype(bool)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None])
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                        scale=self.cfg.attention_scale)
 
 
 class Mlp(nn.Module):
@@ -285,10 +306,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     c = self.cfg
-    out_std = c.init_std / math.sqrt(2 * c.num_layers)
+    out_std = c.hidden_std / math.sqrt(2 * c.num_layers)
 
     def up(name):  # the same params (kernel [D, F], bias) as nn.Dense, and LoRA-capable
-      return Projection((c.d_model, c.mlp_dim), ("embed", "mlp"), "BTD,DF->BTF", c.init_std,
+      return Projection((c.d_model, c.mlp_dim), ("embed", "mlp"), "BTD,DF->BTF", c.hidden_std,
                         bias=not c.llama, cfg=c, name=name)(x_BTD)
 
     if c.llama:  # SwiGLU
@@ -395,6 +416,8 @@ class Transformer(nn.Module):
     else:
       logits_BTV = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt,
                             kernel_init=_init(c.init_std, ("embed", "vocab")), name="head")(x_BTD)
+    if c.parametrization == "mup":
+      logits_BTV = logits_BTV / c.width_mult
     logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
     return logits_BTV.astype(jnp.float32)
 

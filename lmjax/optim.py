@@ -33,6 +33,26 @@ def weight_decay_mask(params, decay_norms_and_biases: bool = False):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def is_hidden_matrix(path) -> bool:
+  """Attention and MLP kernels: the matrices whose fan-in and fan-out both grow with width."""
+  names = [str(getattr(k, "key", k)) for k in path]
+  return names[-1] == "kernel" and ("attn" in names or "mlp" in names)
+
+
+def scale_hidden_updates(width_mult: float) -> optax.GradientTransformation:
+  """muP for Adam-type optimizers (AdamW, Lion, Adafactor: updates of a size independent of the
+  gradient's): hidden matrices learn at lr / width_mult; embeddings, the output layer, norms and
+  biases at lr. Scaling the whole update scales weight decay with it, as the mup package's MuAdamW
+  does (torch's AdamW decays by lr * weight_decay)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u / width_mult if is_hidden_matrix(path) else u, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
   o = cfg.optim
   lr = learning_rate_schedule(cfg)
@@ -44,6 +64,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   else:  # adafactor: factored second moments, no first moment by default
     opt = optax.adafactor(lr, multiply_by_parameter_scale=False, clipping_threshold=None,
                           weight_decay_rate=o.weight_decay or None, weight_decay_mask=mask)
+  if cfg.model.get("parametrization", "sp") == "mup":
+    opt = optax.chain(opt, scale_hidden_updates(cfg.model.d_model / cfg.model.mup_base_width))
   if o.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
   return opt

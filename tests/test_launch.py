@@ -172,8 +172,9 @@ def test_logs(bin_dir):
 def test_stop(bin_dir):
   out = tpu(bin_dir, "stop", *BASE)
   assert lines(out) == [
-      SSH + "'pkill -TERM -f '\\''[l]mjax train'\\'' || true; while pgrep -f '\\''[l]mjax "
-      "train'\\'' > /dev/null; do sleep 1; done; echo \"$(hostname): stopped\"'"]
+      SSH + "'pkill -TERM -f '\\''[l]mjax (train|sweep)'\\'' || true; while pgrep -f "
+      "'\\''[l]mjax (train|sweep)'\\'' > /dev/null; do sleep 1; done; echo \"$(hostname): "
+      "stopped\"'"]
 
 
 def test_delete(bin_dir):
@@ -193,7 +194,7 @@ def test_status(bin_dir):
 def test_help(bin_dir):
   out = tpu(bin_dir, "-h")
   assert out.stdout.startswith("Usage: launch/tpu.sh COMMAND")
-  for command in ("create", "setup", "run", "logs", "stop", "delete"):
+  for command in ("create", "setup", "run", "sweep", "logs", "stop", "delete"):
     assert f"\n  {command} " in out.stdout
 
 
