@@ -1,6 +1,6 @@
 """lmjax vs a plain PyTorch loop, same model and training math, on this machine's CPU.
 
-  python benchmarks/compare_cpu.py [--runs 5] [--steps 10] [--threads 2]
+  python benchmarks/compare_cpu.py [--runs 5] [--steps 10] [--threads 2] [--torch_compile]
 
 Shape: GPT-2 style, 6 layers, d_model 384, 6 heads, MLP 1536, vocabulary 8192, sequence 256,
 global batch 16, float32, AdamW with global-norm clipping (13.9M parameters). Each run is a fresh
@@ -9,8 +9,9 @@ frameworks alternate (lmjax, torch, lmjax, torch, ...) so that load from other p
 shared machine falls on both. Both get the same cores: each child is pinned to the first
 `--threads` cores (XLA sizes its thread pool from the process's CPU affinity) and torch also
 calls `torch.set_num_threads`. torch runs eagerly with its best CPU settings (fused AdamW,
-`F.scaled_dot_product_attention`); lmjax with its defaults (no XLA flags). Prints each run, then
-the median tokens/s of each, their ratio and the spread, and the load average before and after.
+`F.scaled_dot_product_attention`), or through `torch.compile` with `--torch_compile`; lmjax with
+its defaults (no XLA flags). Prints each run, then the median tokens/s of each, their ratio and
+the spread, and the load average before and after.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def run_lmjax_here(steps: int, warmup: int, extra=()) -> dict:
           "compile_seconds": r["compile_seconds"]}
 
 
-def child(framework: str, steps: int, warmup: int, threads: int, extra=()) -> dict:
+def child(framework: str, steps: int, warmup: int, threads: int, extra=(),
+          torch_compile: bool = False) -> dict:
   """One run in a fresh process pinned to `threads` cores."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   if framework == "lmjax":
@@ -55,7 +57,7 @@ def child(framework: str, steps: int, warmup: int, threads: int, extra=()) -> di
   else:
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "torch_gpt.py"), "--steps", str(steps),
            "--warmup", str(warmup), "--threads", str(threads)]
-    cmd += [f"--{k}={v}" for k, v in SHAPE.items()]
+    cmd += [f"--{k}={v}" for k, v in SHAPE.items()] + (["--compile"] if torch_compile else [])
   cores = sorted(os.sched_getaffinity(0))[:threads]
   out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False,
                        preexec_fn=lambda: os.sched_setaffinity(0, cores))
@@ -75,6 +77,7 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=2, help="cores/threads each framework may use")
+  p.add_argument("--torch_compile", action="store_true", help="torch.compile the torch model")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args, rest = p.parse_known_args()
   extra = [a[len("--config."):] for a in rest if a.startswith("--config.")]
@@ -87,7 +90,7 @@ def main():
         flush=True)
   for i in range(args.runs):
     for framework in ("lmjax", "torch"):
-      r = child(framework, args.steps, args.warmup, args.threads, extra)
+      r = child(framework, args.steps, args.warmup, args.threads, extra, args.torch_compile)
       results[framework].append(r["tokens_per_second"])
       print(f"run {i + 1} {framework:>5}: {r['tokens_per_second']:8,.0f} tokens/s "
             f"({r['num_params']:,} params)", flush=True)
@@ -100,6 +103,7 @@ def main():
   print(f"lmjax / torch: {ratio:.2f}x (ratio of medians); per-pair ratios "
         f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f})")
   print(json.dumps({"shape": SHAPE, "threads": args.threads, "steps": args.steps,
+                    "torch_compile": args.torch_compile,
                     "overrides": extra, **results, "pair_ratios": ratios,
                     "ratio_of_medians": ratio,
                     "load_before": load_before[:2], "load_after": load_after[:2]}))

@@ -110,22 +110,32 @@ def train_step(model, optimizer, tokens_BT1, step: int, grad_clip: float = 1.0) 
 
 
 def benchmark(layers=6, d_model=384, heads=6, vocab=8192, seq_len=256, batch=16, steps=20,
-              warmup=3, threads=2, fused=True, seed=0) -> dict:
-  """Median step time of `steps` timed steps after `warmup` untimed ones, on one fixed batch."""
+              warmup=3, threads=2, fused=True, seed=0, compile=False, device="cpu",
+              dtype="float32") -> dict:
+  """Median step time of `steps` timed steps after `warmup` untimed ones, on one fixed batch.
+
+  compile: `torch.compile` the model (the warm-up steps compile it). dtype "bfloat16" runs the
+  forward and backward under `torch.autocast` (float32 parameters and AdamW state, as lmjax's
+  `model.dtype=bfloat16`).
+  """
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
-  model = GPT(layers, d_model, heads, vocab, seq_len)
+  model = GPT(layers, d_model, heads, vocab, seq_len).to(device)
   optimizer = make_optimizer(model, fused=fused)
-  tokens_BT1 = torch.randint(0, vocab, (batch, seq_len + 1))
-  for step in range(warmup):
-    train_step(model, optimizer, tokens_BT1, step)
-  step_times = []
-  for step in range(warmup, warmup + steps):
-    start = time.perf_counter()
-    loss = float(train_step(model, optimizer, tokens_BT1, step))  # float() waits for the step
-    step_times.append(time.perf_counter() - start)
+  run_model = torch.compile(model) if compile else model
+  tokens_BT1 = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+  autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
+  with autocast:
+    for step in range(warmup):
+      train_step(run_model, optimizer, tokens_BT1, step)
+    step_times = []
+    for step in range(warmup, warmup + steps):
+      start = time.perf_counter()
+      loss = float(train_step(run_model, optimizer, tokens_BT1, step))  # float() waits
+      step_times.append(time.perf_counter() - start)
   step_time = statistics.median(step_times)
   return {"framework": "torch", "torch_version": torch.__version__, "threads": threads,
+          "compile": compile, "device": device, "dtype": dtype,
           "fused_adamw": fused, "num_params": count_params(model), "step_time_s": step_time,
           "step_time_min_s": min(step_times), "step_time_max_s": max(step_times),
           "tokens_per_second": batch * seq_len / step_time, "loss": loss, "steps": steps}
@@ -143,9 +153,13 @@ def main():
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   p.add_argument("--no_fused", action="store_true", help="AdamW's for-loop implementation")
+  p.add_argument("--compile", action="store_true", help="torch.compile the model")
+  p.add_argument("--device", default="cpu", help="cpu or cuda")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   a = p.parse_args()
   print(json.dumps(benchmark(a.layers, a.d_model, a.heads, a.vocab, a.seq_len, a.batch, a.steps,
-                             a.warmup, a.threads, not a.no_fused)))
+                             a.warmup, a.threads, not a.no_fused, compile=a.compile,
+                             device=a.device, dtype=a.dtype)))
 
 
 if __name__ == "__main__":
