@@ -1,6 +1,5 @@
 """The newcomer's path through the CLI on a small text corpus: prepare, train, eval, generate."""
 import json
-import os
 
 import pytest
 

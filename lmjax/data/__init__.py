@@ -12,6 +12,10 @@ from lmjax.data.synthetic import SyntheticIterator
 from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, prepared_dir,
                                   resolve_tokenizer, train_tokenizer)
 
+__all__ = ["SyntheticIterator", "bytes_per_token", "check_vocab", "file_sha256", "is_prepared",
+           "iter_documents", "load_tokenizer", "make_iterator", "prepare", "prepared_dir",
+           "read_index", "resolve_tokenizer", "train_tokenizer"]
+
 
 def make_iterator(cfg, workdir: str, split: str = "train", process_index: int = 0,
                   process_count: int = 1, batch_size: int | None = None):
