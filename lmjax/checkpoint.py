@@ -5,6 +5,7 @@ checkpoint (a killed process, a full disk) is never listed and never loaded.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -20,11 +21,19 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only=False):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=async_save,
-                                           read_only=read_only)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                         item_names=("state", "data"))
+    # Orbax warns that a read-only manager is read-only and keeps every step: that is the point.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    if read_only:
+      absl_logger.setLevel(logging.ERROR)
+    try:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                             enable_async_checkpointing=async_save,
+                                             read_only=read_only)
+      self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                           item_names=("state", "data"))
+    finally:
+      absl_logger.setLevel(level)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
