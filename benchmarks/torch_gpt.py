@@ -15,6 +15,7 @@ Prints one JSON line: tokens/s, median step time and its spread, parameter count
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -97,11 +98,14 @@ def lr_at(step: int, peak: float = 6e-4, warmup: int = 100, total: int = 1000,
   return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_step(model, optimizer, tokens_BT1, step: int, grad_clip: float = 1.0) -> float:
+def train_step(model, optimizer, tokens_BT1, step: int, grad_clip: float = 1.0,
+               autocast=contextlib.nullcontext()) -> float:
+  """One AdamW step; `autocast` (a `torch.autocast`) covers the forward and the loss only."""
   for group in optimizer.param_groups:
     group["lr"] = lr_at(step)
-  logits_BTV = model(tokens_BT1[:, :-1])
-  loss = F.cross_entropy(logits_BTV.flatten(0, 1), tokens_BT1[:, 1:].flatten())
+  with autocast:
+    logits_BTV = model(tokens_BT1[:, :-1])
+    loss = F.cross_entropy(logits_BTV.flatten(0, 1), tokens_BT1[:, 1:].flatten())
   optimizer.zero_grad(set_to_none=True)
   loss.backward()
   torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -125,14 +129,13 @@ def benchmark(layers=6, d_model=384, heads=6, vocab=8192, seq_len=256, batch=16,
   run_model = torch.compile(model) if compile else model
   tokens_BT1 = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
   autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
-  with autocast:
-    for step in range(warmup):
-      train_step(run_model, optimizer, tokens_BT1, step)
-    step_times = []
-    for step in range(warmup, warmup + steps):
-      start = time.perf_counter()
-      loss = float(train_step(run_model, optimizer, tokens_BT1, step))  # float() waits
-      step_times.append(time.perf_counter() - start)
+  for step in range(warmup):
+    train_step(run_model, optimizer, tokens_BT1, step, autocast=autocast)
+  step_times = []
+  for step in range(warmup, warmup + steps):
+    start = time.perf_counter()
+    loss = float(train_step(run_model, optimizer, tokens_BT1, step, autocast=autocast))  # waits
+    step_times.append(time.perf_counter() - start)
   step_time = statistics.median(step_times)
   return {"framework": "torch", "torch_version": torch.__version__, "threads": threads,
           "compile": compile, "device": device, "dtype": dtype,

@@ -18,22 +18,23 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+  """Orbax warns that a read-only manager is read-only and keeps every step: that is the point."""
+  return not record.getMessage().startswith(("Given directory is read only",
+                                             "CheckpointManagerOptions.read_only=True"))
+
+
+logging.getLogger("absl").addFilter(_not_read_only_notice)
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only=False):
-    # Orbax warns that a read-only manager is read-only and keeps every step: that is the point.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    if read_only:
-      absl_logger.setLevel(logging.ERROR)
-    try:
-      options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                             enable_async_checkpointing=async_save,
-                                             read_only=read_only)
-      self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                           item_names=("state", "data"))
-    finally:
-      absl_logger.setLevel(level)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           enable_async_checkpointing=async_save,
+                                           read_only=read_only)
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                         item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
