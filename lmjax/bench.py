@@ -65,12 +65,6 @@ def time_steps(step_fn, state, batch, steps: int):
   return state, seconds
 
 
-def peak_flops_total(devices) -> float:
-  """The mesh's peak FLOP/s; a CPU's measured peak already covers all its cores."""
-  peak = metrics_lib.peak_flops_per_device(devices[0])
-  return peak if devices[0].platform == "cpu" else peak * len(devices)
-
-
 def peak_memory(devices) -> tuple[int, str]:
   """(bytes, what was measured): the allocator's peak on accelerators, peak RSS on CPU."""
   stats = [d.memory_stats() for d in devices]
@@ -149,7 +143,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 3, loader: bool = True,
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   tokens_per_second = tokens_per_step / step_time
   model_flops = flops_per_token(setup.model.cfg, cfg.data.seq_len)
-  peak = peak_flops_total(devices)
+  peak = metrics_lib.peak_flops_total(devices)
   measured_bytes, measured_what = peak_memory(devices)
   result = {
       "model": {k: cfg.model[k] for k in ("style", "num_layers", "d_model", "num_heads",

@@ -26,19 +26,24 @@ PEAK_FLOPS = {
 _cpu_peak_cache: dict = {}
 
 
-def measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-  """CPU has no datasheet peak: use the best float32 matmul rate of this machine (all cores)."""
+def measured_cpu_peak(n: int = 1024, min_repeats: int = 5, min_seconds: float = 0.25) -> float:
+  """CPU has no datasheet peak: use the best float32 matmul rate of this machine (all cores).
+
+  The best of at least `min_repeats` matmuls and `min_seconds` of them, so that a moment of
+  contention on a shared machine does not lower the peak (and inflate every MFU after it).
+  """
   if "peak" not in _cpu_peak_cache:
     import jax
     import jax.numpy as jnp
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
+    best, repeats, until = math.inf, 0, time.perf_counter() + min_seconds
+    while repeats < min_repeats or time.perf_counter() < until:
       t = time.perf_counter()
       f(x).block_until_ready()
       best = min(best, time.perf_counter() - t)
+      repeats += 1
     _cpu_peak_cache["peak"] = 2 * n**3 / best
   return _cpu_peak_cache["peak"]
 
@@ -51,6 +56,12 @@ def peak_flops_per_device(device) -> float:
   if device.platform == "cpu":
     return measured_cpu_peak()
   return float("nan")  # unknown accelerator: MFU is reported as NaN rather than guessed
+
+
+def peak_flops_total(devices) -> float:
+  """The mesh's peak FLOP/s; a CPU's measured peak already covers all its cores."""
+  peak = peak_flops_per_device(devices[0])
+  return peak if devices[0].platform == "cpu" else peak * len(devices)
 
 
 class MetricsWriter:

@@ -263,6 +263,8 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
       data_lib.prepare(cfg, workdir)
     sharding_lib.sync("lmjax:prepare")
   train_step, eval_step = compile_steps(setup, workdir)  # after prepare: it may read the tokenizer
+  # a CPU's peak FLOP/s (for MFU) is measured: before the loader's workers start competing for it
+  metrics_lib.peak_flops_total(setup.mesh.devices.flatten())
   train_iter = data_lib.make_iterator(cfg, workdir, "train", pi, pc)
   result = run_loop(
       cfg, workdir, setup, train_step, train_iter,
@@ -302,8 +304,7 @@ def run_loop(cfg, workdir: str, setup: Setup, train_step, train_iter, evaluate=N
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   flops_per_step = flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step
   devices = setup.mesh.devices.flatten()
-  peak = metrics_lib.peak_flops_per_device(devices[0])
-  peak_total = peak if devices[0].platform == "cpu" else peak * len(devices)
+  peak_total = metrics_lib.peak_flops_total(devices)
   _log(f"Model: {setup.num_params / 1e6:.2f}M params ({model_cfg.style}, {model_cfg.num_layers} "
        f"layers, d_model {model_cfg.d_model}); mesh {dict(setup.mesh.shape)} on {len(devices)} "
        f"{devices[0].platform} device(s); {tokens_per_step} tokens/step.")
