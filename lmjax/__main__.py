@@ -1,3 +1,3 @@
-from lmjax.cli import main
+from lmjax.commands import main
 
 main()

@@ -16,12 +16,12 @@ does not recompile; only switching between greedy, plain sampling and filtered s
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.errors import UsageError
 from lmjax.model import Transformer
 
 # Sampling modes, a static argument: greedy needs no sort, plain sampling needs no sort, and only
@@ -142,19 +142,19 @@ def _generate_padded(model: Transformer, params, tokens_BP, pad_B, rng, temperat
 def _check_args(model: Transformer, prompts, max_new_tokens, temperature, top_k, top_p):
   c = model.cfg
   if not prompts or any(len(prompt) == 0 for prompt in prompts):
-    raise ValueError("generate needs at least one prompt and every prompt needs at least one "
+    raise UsageError("generate needs at least one prompt and every prompt needs at least one "
                      "token (start empty prompts with a BOS token).")
   if max_new_tokens < 0:
-    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
   bad = [t for prompt in prompts for t in prompt if not 0 <= t < c.vocab_size]
   if bad:
-    raise ValueError(f"prompt token ids must be in [0, {c.vocab_size}); got {bad[:5]}.")
+    raise UsageError(f"prompt token ids must be in [0, {c.vocab_size}); got {bad[:5]}.")
   if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+    raise UsageError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
                      f"temperature={temperature}, top_k={top_k}, top_p={top_p}.")
   longest = max(len(prompt) for prompt in prompts)
   if c.style == "gpt2" and longest + max_new_tokens > c.max_len:
-    raise ValueError(
+    raise UsageError(
         f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
         f"{longest + max_new_tokens} exceeds the model's max_len of {c.max_len} learned "
         f"positions. Shorten the prompts (e.g. keep their last {max(c.max_len - max_new_tokens, 0)}"
@@ -173,12 +173,12 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
   every row has stopped or after max_new_tokens. `pad_id` only fills the left padding (which is
   masked out), so any valid token id works.
 
-  Raises ValueError for a gpt2-style model (learned positions) when the longest prompt plus
-  max_new_tokens exceeds cfg.max_len; RoPE models have no such limit.
+  Raises UsageError (a ValueError) for a gpt2-style model (learned positions) when the longest
+  prompt plus max_new_tokens exceeds cfg.max_len; RoPE models have no such limit.
   """
   _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
   if not 0 <= pad_id < model.cfg.vocab_size:  # the pads are embedded, even though masked out
-    raise ValueError(f"pad_id must be a token id in [0, {model.cfg.vocab_size}), got {pad_id}.")
+    raise UsageError(f"pad_id must be a token id in [0, {model.cfg.vocab_size}), got {pad_id}.")
   if max_new_tokens == 0:
     return [[] for _ in prompts]
   if temperature == 0:
@@ -229,29 +229,10 @@ def generate_reference(model: Transformer, params, prompt: list[int], max_new_to
 
 def generate_from_text(model: Transformer, params, tokenizer, prompts: list[str],
                        **kwargs) -> list[str]:
-  """Text in, text out, through a SentencePiece tokenizer (an empty prompt starts from BOS)."""
+  """Text in, text out, through a tokenizer with encode/decode/bos_id/eos_id (SentencePiece's):
+  an empty prompt starts from BOS."""
   ids = [tokenizer.encode(prompt) or [tokenizer.bos_id()] for prompt in prompts]
   eos = tokenizer.eos_id()
   out = generate(model, params, ids, eos_id=eos if eos >= 0 else None, **kwargs)
   return [tokenizer.decode(row) for row in out]
 
-
-def generate_text(workdir: str, prompts: list[str], *, step: int | None = None, overrides=(),
-                  **kwargs) -> list[str]:
-  """`lmjax generate`: continuations of `prompts` from the run in `workdir` (latest checkpoint)."""
-  from lmjax import data as data_lib
-  from lmjax import train as train_lib
-  from lmjax.config import ConfigError
-  cfg = train_lib.load_config(workdir, overrides)
-  if not cfg.model.causal:
-    raise ConfigError(f"The run in '{workdir}' is a bidirectional encoder (model.causal=False, "
-                      f"train.objective={cfg.train.objective}): it fills in masked tokens and "
-                      "cannot continue text. Generation (KV-cache decoding) needs a causal LM; "
-                      "fine-tune the encoder (`lmjax finetune`) or evaluate it (`lmjax eval`).")
-  if cfg.data.source == "synthetic":
-    raise ConfigError(f"The run in '{workdir}' trained on synthetic tokens and has no tokenizer to "
-                      "turn text into tokens. Train on text (e.g. data.source=pystdlib) to sample.")
-  path = cfg.data.tokenizer or os.path.join(data_lib.prepared_dir(cfg, workdir), "tokenizer.model")
-  tokenizer = data_lib.load_tokenizer(path)
-  _, setup, state = train_lib.load_run(workdir, step, overrides)
-  return generate_from_text(setup.model, state.params, tokenizer, prompts, **kwargs)

@@ -1,62 +1,83 @@
-"""Evaluation on the validation split: loss, perplexity, bits per byte (masked LM: loss,
-perplexity and accuracy over the masked tokens; no bits per byte, which needs every token scored).
+"""Evaluation: the objective's sums over batches, summarized (loss, perplexity and bits per byte;
+masked-token accuracy; classification accuracy and macro-F1).
 
-Training's periodic eval and `lmjax eval` both call `evaluate_split`.
+Training's periodic eval, `lmjax eval` and fine-tuning's held-out eval all sum `run.jit_eval_step()`
+over batches and hand the sums to `objective.summarize`.
 """
 from __future__ import annotations
 
 import math
 
 import jax
+import numpy as np
 
+from lmjax import builder
 from lmjax import data as data_lib
 from lmjax import sharding as sharding_lib
+from lmjax.data import tasks
 
 
-def evaluate_batches(setup, eval_step, params, batches) -> dict:
-  """Mean loss over `batches` (this process's rows of each global batch). `eval_step` returns
-  (loss sum, predicted tokens) or, for masked LM, (loss sum, masked tokens, correct ones)."""
+def evaluate_batches(run, eval_step, params, batches) -> dict:
+  """The objective's summary of the sums of `eval_step(params, batch)` over `batches` (this
+  process's rows of each global batch)."""
   sums = None
-  with setup.context():
+  with run.context():
     for local in batches:
-      out = [float(x) for x in eval_step(params, sharding_lib.put_batch(local,
-                                                                         setup.batch_sharding))]
-      sums = out if sums is None else [a + b for a, b in zip(sums, out)]
-  loss_sum, count, *correct = sums or [0.0, 0.0]
-  loss = loss_sum / max(count, 1.0)
-  result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
-  if correct:
-    result["masked_accuracy"] = correct[0] / max(count, 1.0)
-  return result
+      out = jax.device_get(eval_step(params, sharding_lib.put_batch(local, run.batch_shardings)))
+      out = {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64)
+             for k, v in out.items()}
+      sums = out if sums is None else {k: sums[k] + v for k, v in out.items()}
+  return run.objective.summarize(sums or {"loss": 0.0, "tokens": 0.0})
 
 
-def evaluate_split(cfg, workdir: str, setup, eval_step, params, split: str = "val",
+def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
                    num_batches: int | None = None) -> dict:
-  """The first `num_batches` (default train.eval_batches) batches of a split, the same every time.
+  """The first `num_batches` (default train.eval_batches) batches of a pretraining split, the same
+  every time, each window at most once.
 
   Bits per byte = loss (nats/token) / ln 2 * tokens / UTF-8 bytes of the split's text: comparable
-  across tokenizers. It is absent for synthetic data, which has no text.
+  across tokenizers. It is absent for synthetic data, which has no text, and for a masked LM,
+  which does not score every token.
   """
+  cfg = run.cfg
   num_batches = num_batches or cfg.train.eval_batches
   iterator = data_lib.make_iterator(cfg, workdir, split, jax.process_index(), jax.process_count())
   # a small split would wrap around: count each window once
   num_batches = min(num_batches, getattr(iterator, "batches_per_epoch", None) or num_batches)
   try:
-    result = evaluate_batches(setup, eval_step, params,
+    result = evaluate_batches(run, eval_step, params,
                               (next(iterator) for _ in range(num_batches)))
   finally:
     iterator.close()
   bytes_per_token = data_lib.bytes_per_token(cfg, workdir, split)
-  if bytes_per_token and "masked_accuracy" not in result:
+  if bytes_per_token and run.objective.name == "causal_lm":
     result["bits_per_byte"] = result["loss"] / math.log(2) / bytes_per_token
   return result
 
 
-def format_result(step: int, result: dict) -> str:
-  text = f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
+def evaluate_rows(run, eval_step, params, rows: dict) -> dict:
+  """Every one of fine-tuning's held-out rows, once."""
+  batches = tasks.eval_batches(rows, run.cfg.train.batch_size, jax.process_index(),
+                               jax.process_count())
+  return evaluate_batches(run, eval_step, params, batches)
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, num_batches: int | None = None,
+                        overrides=()) -> tuple[int, dict]:
+  """`lmjax eval`: (step, result) of a run's checkpoint (latest, or `step`) on its val split."""
+  _, run, params, step = builder.load_params(workdir, step, overrides)
+  return step, evaluate_split(run, workdir, run.jit_eval_step(), params, num_batches=num_batches)
+
+
+def format_result(step: int, result: dict, objective: str = "causal_lm") -> str:
+  if "macro_f1" in result:
+    return (f"step {step}: val loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
+            f"macro-F1 {result['macro_f1']:.4f} ({result['examples']} examples)")
   if "masked_accuracy" in result:
-    text = (f"step {step}: val masked-token loss {result['loss']:.4f}, perplexity "
+    return (f"step {step}: val masked-token loss {result['loss']:.4f}, perplexity "
             f"{result['perplexity']:.2f}, masked accuracy {result['masked_accuracy']:.4f}")
+  scored = " (response tokens)" if objective == "sft" else ""
+  text = f"step {step}: val loss {result['loss']:.4f}{scored}, perplexity {result['perplexity']:.2f}"
   if "bits_per_byte" in result:
     text += f", bits/byte {result['bits_per_byte']:.4f}"
   return text

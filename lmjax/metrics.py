@@ -5,8 +5,10 @@ import json
 import math
 import time
 
+import jax
 import numpy as np
-from etils import epath
+
+from lmjax import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets; no sparsity).
 PEAK_FLOPS = {
@@ -33,7 +35,6 @@ def measured_cpu_peak(n: int = 1024, min_repeats: int = 5, min_seconds: float = 
   contention on a shared machine does not lower the peak (and inflate every MFU after it).
   """
   if "peak" not in _cpu_peak_cache:
-    import jax
     import jax.numpy as jnp
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
@@ -73,7 +74,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.path = workdir_lib.metrics_path(workdir)
     self._remote = "://" in str(workdir)
     self._lines = None
     self._tb = None
@@ -119,7 +120,13 @@ def _plain(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = epath.Path(workdir) / "metrics.jsonl"
+  path = workdir_lib.metrics_path(str(workdir))
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def log(msg: str) -> None:
+  """A progress line, printed by process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)

@@ -8,7 +8,7 @@ Shape letters in names:
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads, kv, mlp, norm, layers) and
 the main activations are constrained to (batch, length, act_*); `sharding.py` maps them to the mesh.
 Decoding uses the 'cache' collection: call with decode=True and mutable=["cache"]. LoRA adapters
-(finetune.py) come in the 'lora' collection, mirroring the params of the projections they adapt.
+(lora.py) come in the 'lora' collection, mirroring the params of the projections they adapt.
 """
 from __future__ import annotations
 
@@ -19,38 +19,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax import config as config_lib
+from lmjax.ops import attention, gelu, rope, swiglu
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  style: str = "gpt2"
-  num_layers: int = 2
-  d_model: int = 64
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 16
-  mlp_dim: int = 256
-  vocab_size: int = 256
-  max_len: int = 128
-  tie_embeddings: bool = True
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-5
-  init_std: float = 0.02
-  dropout: float = 0.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = False
-  remat: str = "none"
-  attention: str = "xla"
-  causal: bool = True  # False: every position attends to the whole sequence (an encoder)
-  parametrization: str = "sp"  # sp | mup (maximal update parametrization; see width_mult)
-  mup_base_width: int = 0  # mup: the d_model at which the hyperparameters were tuned
+  """The config's model section as a hashable value (for linen and jit). Its fields are the
+  schema's model keys, with no defaults of their own: `from_config` reads a resolved config,
+  `create` starts from `config.default_config()`."""
+  style: str
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  vocab_size: int
+  max_len: int
+  tie_embeddings: bool
+  rope_theta: float
+  norm_eps: float
+  init_std: float
+  dropout: float
+  dtype: str
+  param_dtype: str
+  scan_layers: bool
+  remat: str
+  attention: str
+  causal: bool  # False: every position attends to the whole sequence (an encoder)
+  parametrization: str  # sp | mup (maximal update parametrization; see width_mult)
+  mup_base_width: int  # mup: the d_model at which the hyperparameters were tuned
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in cfg.model.to_dict().items() if k in names})
+    return cls(**{f.name: cfg.model[f.name] for f in dataclasses.fields(cls)})
+
+  @classmethod
+  def create(cls, **changes) -> "ModelConfig":
+    """The default config's model with `changes`, derived values filled (tests, scripts)."""
+    m = config_lib.default_config().model
+    m.update(changes)
+    return cls(**config_lib.finalize_model(m).to_dict())
 
   @property
   def llama(self) -> bool:
@@ -110,107 +122,6 @@ class Norm(nn.Module):
     return x.astype(DTYPES[c.dtype])
 
 
-def rope(x_BTNH, positions_BT, theta: float):
-  """Rotary embeddings, rotate-half convention (as in Hugging Face Llama checkpoints)."""
-  h = x_BTNH.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  cos = jnp.cos(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
-  sin = jnp.sin(jnp.concatenate([angles_BTh, angles_BTh], -1))[:, :, None, :]
-  x = x_BTNH.astype(jnp.float32)
-  rotated = jnp.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
-  return (x * cos + rotated * sin).astype(x_BTNH.dtype)
-
-
-# Elementwise functions whose backward keeps one tensor: written plainly, jax.grad would keep
-# every intermediate (tanh-GELU keeps 5 tensors of [B, T, F], jax.nn.softmax 3 of [B, N, T, S]).
-# Less memory, and on CPU fewer passes over memory (see BENCHMARKS.md).
-
-@jax.custom_jvp
-def softmax(x):
-  """Softmax over the last axis; its backward needs only its output."""
-  e = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
-  return e / e.sum(-1, keepdims=True)
-
-
-@softmax.defjvp
-def _softmax_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  y = softmax(x)
-  return y, y * (dx - (y * dx).sum(-1, keepdims=True))
-
-
-_GELU_C = math.sqrt(2 / math.pi)
-
-
-def _gelu_parts(x):
-  x = x.astype(jnp.float32)
-  t = jnp.tanh(_GELU_C * (x + 0.044715 * x ** 3))
-  dy_dx = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * x * x)
-  return 0.5 * x * (1 + t), dy_dx
-
-
-@jax.custom_jvp
-def gelu(x):
-  """GELU, tanh approximation (GPT-2's), computed in float32."""
-  return _gelu_parts(x)[0].astype(x.dtype)
-
-
-@gelu.defjvp
-def _gelu_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  y, dy_dx = _gelu_parts(x)
-  return y.astype(x.dtype), (dy_dx * dx).astype(x.dtype)
-
-
-@jax.custom_jvp
-def swiglu(gate, up):
-  """silu(gate) * up (LLaMA's MLP), computed in float32."""
-  g = gate.astype(jnp.float32)
-  return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(up.dtype)
-
-
-@swiglu.defjvp
-def _swiglu_jvp(primals, tangents):
-  (gate, up), (dgate, dup) = primals, tangents
-  g, u = gate.astype(jnp.float32), up.astype(jnp.float32)
-  s = jax.nn.sigmoid(g)
-  silu = g * s
-  dsilu = s * (1 + g * (1 - s))
-  y = (silu * u).astype(up.dtype)
-  return y, (dsilu * u * dgate + silu * dup).astype(up.dtype)
-
-
-def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, is_causal=False, scale=None):
-  """Softmax attention in plain XLA ops (model.attention="xla"), grouped-query aware.
-
-  `mask` ([B, 1 or N, T or 1, S], True = attend) and `is_causal` combine. Scores and softmax are
-  float32; masked scores get a large negative bias, so a fully masked row averages instead of
-  giving NaN (as jax.nn.dot_product_attention does). Both matmuls are batched over (B, K) with
-  the scores laid out [B, K, G, T, S]: no transposes of the [T, S] tensors, and the backward
-  keeps only the probabilities.
-  """
-  b, t, n, h = q_BTNH.shape
-  s, k = k_BSKH.shape[1], k_BSKH.shape[2]
-  scale = h ** -0.5 if scale is None else scale
-  q_BKGTH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).reshape(b, t, k, n // k, h)
-  q_BKGTH = q_BKGTH.transpose(0, 2, 3, 1, 4)
-  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
-  scores_BKGTS = jnp.einsum("BKGTH,BKSH->BKGTS", q_BKGTH, k_BKSH,
-                            preferred_element_type=jnp.float32)
-  if is_causal:
-    causal_TS = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
-    mask = causal_TS if mask is None else mask & causal_TS
-  if mask is not None:
-    if mask.ndim == 4:  # [B, N, T, S] -> [B, K, G, T, S]
-      mask = mask.reshape(mask.shape[0], -1, n // k if mask.shape[1] == n else 1, *mask.shape[2:])
-    big_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-    scores_BKGTS = scores_BKGTS + jnp.where(mask, jnp.float32(0), big_negative)
-  probs_BKGTS = softmax(scores_BKGTS).astype(v_BSKH.dtype)
-  out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-
-
 class Projection(nn.Module):
   """A matmul with a kernel of any rank (so every axis has its logical name) and optional bias."""
   shape: tuple
@@ -225,7 +136,7 @@ class Projection(nn.Module):
     dt, pdt = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
     kernel = self.param("kernel", _init(self.std, self.axes), self.shape, pdt)
     y = jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
-    if self.has_variable("lora", "a"):  # LoRA (finetune.py): + x a b; a [in..., R], b [R, out...]
+    if self.has_variable("lora", "a"):  # LoRA (lora.py): + x a b; a [in..., R], b [R, out...]
       a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")  # b carries the scale
       xa = jnp.tensordot(x.astype(dt), a.astype(dt), a.ndim - 1)
       y = y + jnp.tensordot(xa, b.astype(dt), 1)
@@ -420,20 +331,3 @@ class Transformer(nn.Module):
       logits_BTV = logits_BTV / c.width_mult
     logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
     return logits_BTV.astype(jnp.float32)
-
-
-def count_params(params) -> int:
-  return sum(x.size for x in jax.tree_util.tree_leaves(params))
-
-
-def flops_per_token(c: ModelConfig, seq_len: int) -> float:
-  """Training FLOPs per token: 6 * (matmul params) + 12 * L * T * N * H (attention scores and
-  values, forward + backward, causal mask not discounted: the PaLM / nanoGPT convention).
-
-  Matmul params exclude the position table (a lookup) and count the output projection to the
-  vocabulary once, whether or not it is tied to the input embedding (the input lookup is free).
-  """
-  attn = c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-  mlp = c.d_model * c.mlp_dim * (3 if c.llama else 2)
-  matmul_params = c.num_layers * (attn + mlp) + c.d_model * c.vocab_size
-  return 6.0 * matmul_params + 12.0 * c.num_layers * seq_len * c.num_heads * c.head_dim

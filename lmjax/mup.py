@@ -15,16 +15,16 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax import builder
 from lmjax import config as config_lib
 from lmjax import data as data_lib
-from lmjax import optim as optim_lib
-from lmjax import train as train_lib
-from lmjax.model import ModelConfig, Transformer
+from lmjax.errors import ConfigError
+from lmjax.losses import objective
+from lmjax.plotting import no_minor_labels, pyplot
 
 
 def width_config(cfg, width: int, parametrization: str, base_width: int):
@@ -32,8 +32,8 @@ def width_config(cfg, width: int, parametrization: str, base_width: int):
   in proportion; layers scanned off so that each layer's output has its own name."""
   m = cfg.model
   if width % m.head_dim:
-    raise config_lib.ConfigError(f"Coordinate-check width {width} is not a multiple of "
-                                 f"model.head_dim={m.head_dim}.")
+    raise ConfigError(f"Coordinate-check width {width} is not a multiple of "
+                      f"model.head_dim={m.head_dim}.")
   heads = width // m.head_dim
   kv_heads = max(1, heads * m.num_kv_heads // m.num_heads)
   return config_lib.finalize(config_lib.apply_overrides(cfg, [
@@ -63,16 +63,14 @@ def _activations(model, params, inputs_BT) -> dict:
 
 
 def _changes(wcfg, tokens_BT1, steps: int) -> dict:
-  """Mean |change| of each activation of the `wcfg` model after `steps` steps on one batch."""
-  model = Transformer(ModelConfig.from_config(wcfg))
-  optimizer = optim_lib.make_optimizer(wcfg)
-  key = jax.random.PRNGKey(wcfg.train.seed)
-  params = nn.unbox(model.init(key, tokens_BT1[:, :-1])["params"])
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), key)
-  train_step = train_lib.make_train_step(model, optimizer, optim_lib.learning_rate_schedule(wcfg))
-  before = _activations(model, state.params, tokens_BT1[:, :-1])
-  state = jax.lax.fori_loop(0, steps, lambda _, s: train_step(s, tokens_BT1)[0], state)
-  after = _activations(model, state.params, tokens_BT1[:, :-1])
+  """Mean |change| of each activation of the `wcfg` model after `steps` steps on one batch (the
+  run's own init and train step, unjitted: one program holds every width)."""
+  run = builder.build(wcfg, objective("causal_lm"), devices=jax.devices()[:1])
+  state, train_step = run.init_state(), run.train_step()
+  batch = {"tokens": tokens_BT1}
+  before = _activations(run.model, state.params, tokens_BT1[:, :-1])
+  state = jax.lax.fori_loop(0, steps, lambda _, s: train_step(s, batch)[0], state)
+  after = _activations(run.model, state.params, tokens_BT1[:, :-1])
   return {name: jnp.mean(jnp.abs(after[name] - before[name])) for name in before}
 
 
@@ -89,7 +87,7 @@ def coord_check(cfg, widths=(64, 128, 256, 512), steps: int = 3, base_width: int
   activation (0 = flat, 1 = grows like the width)."""
   base_width = base_width or cfg.model.mup_base_width or min(widths)
   cfg = config_lib.apply_overrides(cfg, ["data.source=synthetic", f"train.batch_size={batch_size}"])
-  tokens_BT1 = jnp.asarray(next(data_lib.make_iterator(config_lib.finalize(cfg), "")))
+  tokens_BT1 = jnp.asarray(next(data_lib.make_iterator(config_lib.finalize(cfg), ""))["tokens"])
   runs = [(p, w) for p in parametrizations for w in widths]
   changes = jax.device_get(_all_changes(
       tuple(config_lib.to_json(width_config(cfg, w, p, base_width)) for p, w in runs),
@@ -124,8 +122,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-  from lmjax import scaling  # matplotlib, with a clear error when it is missing
-  plt = scaling.pyplot()
+  plt = pyplot()
   names = [p for p in ("sp", "mup") if p in result]
   fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.8), sharey=True, dpi=90)
   axes = np.atleast_1d(axes)
@@ -134,7 +131,7 @@ def plot(result: dict, path: str) -> None:
       ax.plot(result["widths"], values, marker="o", ms=3, label=name)
     ax.set(xscale="log", yscale="log", xlabel="d_model", title=parametrization)
     ax.set_xticks(result["widths"], [str(w) for w in result["widths"]])
-    scaling._no_minor_labels(ax)
+    no_minor_labels(ax)
   axes[0].set_ylabel(f"mean |change| after {result['steps']} steps")
   axes[-1].legend(fontsize=7)
   fig.tight_layout()
@@ -146,25 +143,3 @@ def slope_summary(result: dict) -> dict:
   """The largest |slope| of any activation per parametrization."""
   return {p: max(abs(s) for s in result["slopes"][p].values()) for p in result.get("slopes", {})
           if not math.isnan(max(abs(s) for s in result["slopes"][p].values()))}
-
-
-def main_coordcheck(cfg, widths: str, steps: int, plot_path: str | None = None) -> dict:
-  """`lmjax coordcheck`: prints the table (and plots it with --plot)."""
-  try:
-    widths = tuple(int(w) for w in widths.split(","))
-  except ValueError:
-    raise config_lib.ConfigError(f"--widths must be comma-separated integers, got '{widths}'.") \
-        from None
-  if len(widths) < 2 or steps < 1:
-    raise config_lib.ConfigError("The coordinate check needs at least two --widths and --steps >= 1.")
-  for width in widths:  # every width's config is checked before anything is compiled
-    width_config(cfg, width, "mup", cfg.model.mup_base_width or min(widths))
-  if plot_path:
-    from lmjax import scaling
-    scaling.pyplot()
-  result = coord_check(cfg, widths, steps)
-  print(format_table(result))
-  if plot_path:
-    plot(result, plot_path)
-    print(f"\nWrote {plot_path}")
-  return result

@@ -1,7 +1,7 @@
 """The optax optimizer from config: schedule, clipping, weight-decay mask, AdamW / Lion / Adafactor.
 
 Gradient accumulation is not here: the train step sums gradients over micro-batches and applies
-one update, which equals the large-batch update exactly (see train.py).
+one update, which equals the large-batch update exactly (step.accumulate_gradients).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   else:  # adafactor: factored second moments, no first moment by default
     opt = optax.adafactor(lr, multiply_by_parameter_scale=False, clipping_threshold=None,
                           weight_decay_rate=o.weight_decay or None, weight_decay_mask=mask)
-  if cfg.model.get("parametrization", "sp") == "mup":
+  if cfg.model.parametrization == "mup":
     opt = optax.chain(opt, scale_hidden_updates(cfg.model.d_model / cfg.model.mup_base_width))
   if o.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)

@@ -1,15 +1,20 @@
-"""The device mesh, logical-axis rules, and placing params, optimizer state and batches on it."""
+"""The device mesh, logical-axis rules, and the shardings of a run's state and batches.
+
+Parameters and activations carry logical axis names (model.py); `mesh.rules` maps each to mesh
+axes. Everything here derives shardings from those two: changing the parallelism is a config
+change, never code.
+"""
 from __future__ import annotations
 
 import math
-import os
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax.config import ConfigError
+from lmjax.errors import ConfigError
+from lmjax.step import TrainState
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -46,13 +51,36 @@ def make_mesh(cfg, devices=None) -> Mesh:
 
 
 def logical_rules(cfg) -> tuple:
-  """Config rules -> flax rules: "" means replicated."""
+  """mesh.rules -> flax's ((logical axis, mesh axes or None), ...). A rule's mesh axes are one
+  axis name, a tuple (or list) of names, or "" / None for replicated; a tuple's "" entries are
+  dropped. Anything else, or a name that is not a mesh axis, is a ConfigError."""
   rules = []
-  for name, axes in cfg.mesh.rules:
+  for rule in cfg.mesh.rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f"Each entry of mesh.rules must be a (logical axis, mesh axes) pair, e.g. "
+                        f"('batch', 'data'); got {rule!r}.")
+    name, axes = rule
     if isinstance(axes, (tuple, list)):
       axes = tuple(a for a in axes if a) or None
+    names = () if not axes else axes if isinstance(axes, tuple) else (axes,)
+    unknown = [a for a in names if a not in MESH_AXES]
+    if unknown or not all(isinstance(a, str) for a in names):
+      raise ConfigError(f"mesh.rules maps '{name}' to {rule[1]!r}, but the mesh axes are "
+                        f"{', '.join(MESH_AXES)} ('' = replicated).")
     rules.append((name, axes or None))
   return tuple(rules)
+
+
+def axes_of(entry) -> tuple:
+  """A PartitionSpec entry (None, one mesh axis, or a tuple of them) as a tuple of axes."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def shards_of(spec, mesh_sizes) -> int:
+  """How many pieces a PartitionSpec cuts an array into on a mesh of `mesh_sizes` (axis -> size)."""
+  return math.prod(mesh_sizes[a] for entry in spec for a in axes_of(entry))
 
 
 def logical_to_sharding(spec_tree, mesh: Mesh, rules):
@@ -65,27 +93,13 @@ def check_divisible(abstract_tree, sharding_tree, what: str = "parameter") -> No
   shardings = jax.tree_util.tree_leaves(sharding_tree,
                                         is_leaf=lambda x: isinstance(x, NamedSharding))
   for (path, leaf), sharding in zip(paths, shardings):
-    for dim, axes in zip(leaf.shape, sharding.spec):
-      if axes is None:
-        continue
-      axes = axes if isinstance(axes, tuple) else (axes,)
-      size = math.prod(sharding.mesh.shape[a] for a in axes)
+    for dim, entry in zip(leaf.shape, sharding.spec):
+      size = math.prod(sharding.mesh.shape[a] for a in axes_of(entry))
       if dim % size:
         raise ConfigError(
             f"The {what} {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split over "
-            f"mesh axes {axes} (size {size}): {dim} is not divisible by {size}. Change the mesh "
-            "(mesh.fsdp / mesh.tensor) or the model dimension.")
-
-
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", None), rules))
-
-
-def put_batch(local_batch, sharding):
-  """This process's rows -> one global array (each process feeds only its slice); a dict of row
-  arrays with a dict of shardings gives a dict of global arrays."""
-  return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_process_local_data(s, x),
-                                local_batch, sharding)
+            f"mesh axes {axes_of(entry)} (size {size}): {dim} is not divisible by {size}. Change "
+            "the mesh (mesh.fsdp / mesh.tensor) or the model dimension.")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -113,54 +127,37 @@ def spec_for_like(params_specs, tree):
   return jax.tree_util.tree_map_with_path(find, tree)
 
 
-def _cluster_in_environment() -> bool:
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
-    return True
-  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-    return True
-  # Cloud TPU VM: JAX finds the slice's other hosts through the metadata server.
-  return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) and \
-      "TPU_SKIP_MDS_QUERY" not in env
+def state_shardings(abstract_state: TrainState, param_shardings, mesh: Mesh) -> TrainState:
+  """The shardings of a whole train state: params by their logical axes, each optimizer-state
+  leaf like the param it belongs to, step and RNG replicated. Checks that every split divides."""
+  check_divisible(abstract_state.params, param_shardings)
+  pairs = jax.tree_util.tree_map(lambda x, s: (x.shape, s.spec), abstract_state.params,
+                                 param_shardings)
+  opt_specs = spec_for_like(pairs, abstract_state.opt_state)
+  opt_shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), opt_specs)
+  check_divisible(abstract_state.opt_state, opt_shardings, "optimizer state")
+  return abstract_state.replace(step=replicated(mesh), params=param_shardings,
+                                opt_state=opt_shardings, rng=replicated(mesh))
 
 
-def initialize_distributed(cfg) -> None:
-  """`jax.distributed.initialize` from config or environment; must run before any JAX work."""
-  d = cfg.distributed
-  if d.initialize not in ("auto", "yes", "no"):
-    raise ConfigError(f"distributed.initialize must be auto|yes|no, got '{d.initialize}'.")
-  explicit = bool(d.coordinator_address) or d.num_processes > 0 or d.process_id >= 0
-  if d.initialize == "no" or (d.initialize == "auto" and not explicit and
-                              not _cluster_in_environment()):
-    return
-  if jax.distributed.is_initialized():
-    return
-  kwargs = {}
-  if d.coordinator_address:
-    kwargs["coordinator_address"] = d.coordinator_address
-  if d.num_processes > 0:
-    kwargs["num_processes"] = d.num_processes
-  if d.process_id >= 0:
-    kwargs["process_id"] = d.process_id
-  if d.local_device_ids:
-    kwargs["local_device_ids"] = [int(i) for i in d.local_device_ids.split(",")]
-  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU needs a transport
-  jax.distributed.initialize(**kwargs)
+def batch_shardings(mesh: Mesh, rules, fields: dict) -> dict:
+  """{field: NamedSharding}: rows split over the mesh axes of the logical "batch" axis, the rest
+  of each array (`fields` gives its number of dimensions) whole."""
+  rows = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  return {name: NamedSharding(mesh, P(rows, *[None] * (ndim - 1))) for name, ndim in fields.items()}
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process if `flag` is True on any (a cheap host-level all-reduce)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+def check_batch_divisible(batch_size: int, accumulation_steps: int, mesh: Mesh, rules) -> None:
+  rows = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  shards = math.prod(mesh.shape[a] for a in axes_of(rows))
+  if batch_size % (shards * accumulation_steps):
+    raise ConfigError(
+        f"train.batch_size={batch_size} must be divisible by the {shards} batch shards of the "
+        f"mesh times optim.accumulation_steps={accumulation_steps}.")
 
 
-def sync(name: str) -> None:
-  """A barrier across processes (no-op with one)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+def put_batch(local_batch, shardings):
+  """This process's rows -> one global array (each process feeds only its slice); a dict of row
+  arrays with a dict of shardings gives a dict of global arrays."""
+  return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_process_local_data(s, x),
+                                local_batch, shardings)

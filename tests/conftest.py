@@ -22,6 +22,18 @@ def tiny_config(*overrides, base=None):
   return config_lib.get_config(base, TINY + list(overrides))
 
 
+def build(cfg, devices=None, workdir=None):
+  """The pretraining run of `cfg` (its train.objective), as `lmjax train` builds it."""
+  from lmjax import builder
+  return builder.build(cfg, builder.pretraining_objective(cfg, workdir), devices=devices)
+
+
+def latest_step(workdir):
+  """The latest checkpoint step of a run directory (None if it has none)."""
+  from lmjax import checkpoint, workdir as workdir_lib
+  return checkpoint.latest_step(workdir_lib.checkpoint_dir(str(workdir)))
+
+
 def run_python(code: str, devices: int = 1, timeout: int = 600) -> dict:
   """Runs `code` in a fresh interpreter with `devices` CPU devices; it must print one JSON line
   last, which is returned."""

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, run_cli, tiny_config
+from conftest import ROOT, TINY, build, run_cli, tiny_config
 
-from lmjax import bench, metrics
-from lmjax import train as train_lib
-from lmjax.model import ModelConfig, Transformer, attention, flops_per_token, gelu, swiglu
+from lmjax import bench, memory, metrics
+from lmjax.flops import flops_per_token
+from lmjax.model import ModelConfig, Transformer
+from lmjax.ops import attention, gelu, swiglu
 
 
 def test_bench_cli_prints_table_and_writes_json(tmp_path):
@@ -49,12 +50,12 @@ def test_bench_cli_prints_table_and_writes_json(tmp_path):
 def test_flops_formula_by_hand():
   # GPT-2 124M at T=1024: 12 layers of 4 d^2 (attention) + 8 d^2 (MLP), the tied output
   # projection d V once, and 12 L T d for attention scores and values
-  c = ModelConfig(style="gpt2", num_layers=12, d_model=768, num_heads=12, num_kv_heads=12,
+  c = ModelConfig.create(style="gpt2", num_layers=12, d_model=768, num_heads=12, num_kv_heads=12,
                   head_dim=64, mlp_dim=3072, vocab_size=50304, max_len=1024)
   n_matmul = 12 * 12 * 768**2 + 768 * 50304
   assert flops_per_token(c, 1024) == 6 * n_matmul + 12 * 12 * 1024 * 768
   # grouped-query attention: K and V projections shrink with the kv heads
-  g = ModelConfig(style="llama", num_layers=1, d_model=64, num_heads=8, num_kv_heads=2,
+  g = ModelConfig.create(style="llama", num_layers=1, d_model=64, num_heads=8, num_kv_heads=2,
                   head_dim=8, mlp_dim=128, vocab_size=100)
   assert flops_per_token(g, 32) == 6 * (64 * 8 * (16 + 4) + 3 * 64 * 128 + 64 * 100) + \
       12 * 32 * 8 * 8
@@ -88,18 +89,18 @@ def test_memory_estimate_matches_xla_buffer_assignment(overrides):
   cfg = tiny_config("model.num_layers=4", "model.d_model=128", "model.mlp_dim=384",
                     "model.max_len=64", "data.seq_len=64", "model.vocab_size=640",
                     "train.batch_size=32", *overrides)
-  setup = train_lib.build(cfg)
-  compiled, _ = bench.compile_train_step(setup, bench.synthetic_batch(setup))
+  run = build(cfg)
+  compiled, _ = bench.compile_train_step(run, bench.synthetic_batch(run))
   measured = bench.xla_memory(compiled)["xla_total_bytes"]
-  estimate = bench.estimate_memory(cfg, 1)
+  estimate = memory.estimate_memory(cfg, 1)
   assert estimate["activations"] > estimate["params"] + estimate["optimizer"]
   assert 0.75 < estimate["total"] / measured < 1.3, (estimate, measured)
 
 
 def test_memory_estimate_shards_and_remat():
-  full = bench.estimate_memory(bench.ladder_config("1b", 8, remat="full"), 8)
-  none = bench.estimate_memory(bench.ladder_config("1b", 8, remat="none"), 8)
-  one = bench.estimate_memory(bench.ladder_config("1b", 1, remat="full"), 1)
+  full = memory.estimate_memory(memory.ladder_config("1b", 8, remat="full"), 8)
+  none = memory.estimate_memory(memory.ladder_config("1b", 8, remat="none"), 8)
+  one = memory.estimate_memory(memory.ladder_config("1b", 1, remat="full"), 1)
   assert none["activations"] > 4 * full["activations"]
   assert full["params"] == pytest.approx(one["params"] / 8, rel=0.01)  # FSDP over 8
   assert full["optimizer"] == pytest.approx(2 * full["params"], rel=0.01)  # AdamW: mu, nu
@@ -108,7 +109,7 @@ def test_memory_estimate_shards_and_remat():
 def test_readme_memory_table_is_the_codes():
   with open(os.path.join(ROOT, "README.md")) as f:
     readme = f.read()
-  assert bench.largest_model_table() in readme
+  assert memory.largest_model_table() in readme
 
 
 def test_scan_keeps_the_program_size_flat():
@@ -116,10 +117,10 @@ def test_scan_keeps_the_program_size_flat():
   (compile times themselves are in BENCHMARKS.md)."""
   def lowered_size(layers, scan):
     cfg = tiny_config(f"model.num_layers={layers}", f"model.scan_layers={scan}")
-    setup = train_lib.build(cfg)
-    train_step, _ = train_lib.compile_steps(setup)
-    with setup.context():
-      return len(train_step.lower(setup.abstract_state, bench.synthetic_batch(setup)).as_text())
+    run = build(cfg)
+    with run.context():
+      return len(run.jit_train_step().lower(run.abstract_state,
+                                            bench.synthetic_batch(run)).as_text())
 
   assert lowered_size(24, True) < 1.05 * lowered_size(2, True)
   assert lowered_size(24, False) > 5 * lowered_size(2, False)

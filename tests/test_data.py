@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lmjax import data
+from lmjax import workdir as workdir_lib
 from lmjax.config import default_config
 from lmjax.data import sources, tokenizer
 
@@ -72,7 +73,7 @@ def prepared(tmp_path_factory, corpus, trained_tokenizer):
 
 
 def all_tokens(cfg, workdir, index, split) -> np.ndarray:
-  directory = data.prepared_dir(cfg, workdir)
+  directory = workdir_lib.prepared_dir(cfg, workdir)
   return np.concatenate([np.fromfile(os.path.join(directory, s["file"]), index["dtype"])
                          for s in index["splits"][split]["shards"]])
 
@@ -207,7 +208,7 @@ def test_prepare_index_counts(prepared, corpus, trained_tokenizer):
 
 def test_prepare_rerun_is_a_no_op(prepared):
   cfg, workdir, index = prepared
-  directory = data.prepared_dir(cfg, workdir)
+  directory = workdir_lib.prepared_dir(cfg, workdir)
   before = {name: os.stat(os.path.join(directory, name)).st_mtime_ns for name in os.listdir(directory)}
   assert data.is_prepared(cfg, workdir)
   assert data.prepare(cfg, workdir) == index
@@ -233,7 +234,7 @@ def test_interrupted_prepare_resumes_and_never_trusts_a_tmp_shard(
     tmp_path, monkeypatch, prepared):
   cfg, reference_workdir, reference = prepared
   workdir = str(tmp_path)
-  directory = data.prepared_dir(cfg, workdir)
+  directory = workdir_lib.prepared_dir(cfg, workdir)
   real_replace = os.replace
 
   def dying_replace(src, dst):
@@ -280,7 +281,8 @@ def test_prepare_refuses_a_corpus_too_small_for_validation(tmp_path, trained_tok
 # --- loader --------------------------------------------------------------------------------------
 
 def take(iterator, n):
-  batches = [next(iterator) for _ in range(n)]
+  """The token arrays of the next n batches ({"tokens": [rows, seq_len + 1]} each)."""
+  batches = [next(iterator)["tokens"] for _ in range(n)]
   iterator.close()
   return batches
 
@@ -313,7 +315,7 @@ def test_train_epochs_cover_every_window_and_reshuffle(prepared):
   cfg, workdir, _ = prepared
   it = data.make_iterator(cfg, workdir, batch_size=1)
   n = len(it.windows)
-  rows = [next(it)[0] for _ in range(2 * n)]
+  rows = [next(it)["tokens"][0] for _ in range(2 * n)]
   it.close()
   index_of = {tuple(it.windows[w]): w for w in range(n)}
   epochs = [[index_of[tuple(r)] for r in rows[:n]], [index_of[tuple(r)] for r in rows[n:]]]

@@ -29,7 +29,7 @@ CONFIGS = {
 def tiny(name: str, dtype: str = "float32"):
   """A tiny model with random N(0, 0.5) weights (unit norm scales), large enough that the argmax
   depends on the context. Numpy fills the shapes: compiling the init takes seconds on CPU."""
-  cfg = ModelConfig(num_layers=2, d_model=64, num_heads=4, head_dim=16, mlp_dim=128,
+  cfg = ModelConfig.create(num_layers=2, d_model=64, num_heads=4, head_dim=16, mlp_dim=128,
                     vocab_size=97, max_len=64, dtype=dtype, **CONFIGS[name])
   model = Transformer(cfg)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))

@@ -15,12 +15,19 @@ import numpy as np
 import pytest
 from conftest import run_cli, run_python, tiny_config
 
+from lmjax import builder
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import finetune as ft
+from lmjax import generate
+from lmjax import losses as losses_lib
 from lmjax import train as train_lib
-from lmjax.config import ConfigError
+from lmjax import workdir as workdir_lib
+from lmjax.classifier import load_classifier
+from lmjax.data import tasks
+from lmjax.errors import ConfigError, DataError
 from lmjax.metrics import read_metrics
+from lmjax.trees import flatten
 
 KEYS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
 VALUES = ["red", "blue", "green", "black", "white", "pink", "gray", "gold"]
@@ -88,8 +95,7 @@ def losses(workdir, split):
 
 
 def greedy_responses(workdir):
-  from lmjax import decode
-  outs = decode.generate_text(workdir, [f"cat {k}" for k in KEYS], max_new_tokens=1,
+  outs = generate.generate_text(workdir, [f"cat {k}" for k in KEYS], max_new_tokens=1,
                               temperature=0.0)
   return [o.strip() for o in outs]
 
@@ -106,10 +112,9 @@ def test_sft_learns_the_mapping_and_exports_a_plain_run(init_run, sft_full, tmp_
   # the export is a plain run: eval on the init's corpus, and HF export, work on it
   index = os.path.join(init_run["init"], "data", "index.json")
   before = os.path.getmtime(index)
-  cfg2, setup, state = train_lib.load_run(out)
-  _, eval_step = train_lib.compile_steps(setup, out)
+  _, run, params, _ = builder.load_params(out)
   from lmjax import evaluate as evaluate_lib
-  lm = evaluate_lib.evaluate_split(cfg2, out, setup, eval_step, state.params)
+  lm = evaluate_lib.evaluate_split(run, out, run.jit_eval_step(), params)
   assert np.isfinite(lm["loss"]) and "bits_per_byte" in lm
   assert os.path.getmtime(index) == before  # the init's data was read, not rewritten
   from lmjax import hf
@@ -119,47 +124,51 @@ def test_sft_learns_the_mapping_and_exports_a_plain_run(init_run, sft_full, tmp_
 
 
 def restore_finetune_state(cfg, out, num_classes=0):
-  setup = ft.build(cfg, num_classes)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(out, ft.STATE_DIR), read_only=True)
-  state, _ = checkpointer.restore(None, setup.abstract_state)
-  checkpointer.close()
-  return setup, state
+  objective = losses_lib.objective(cfg.finetune.task, num_classes=num_classes,
+                               pooling=cfg.finetune.pooling)
+  run = builder.build(cfg, objective, builder.FromRun(cfg.finetune.init))
+  with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(out, finetune_state=True),
+                                 read_only=True) as checkpoints:
+    state, _ = checkpoints.restore(None, run.abstract_state)
+  return run, state
 
 
-def init_params(cfg, setup):
-  checkpointer = ckpt_lib.Checkpointer(cfg.finetune.init, read_only=True)
-  abstract = ckpt_lib.abstract_with_shardings(
-      setup.abstract_state.params["model"], setup.state_shardings.params["model"])
-  params = checkpointer.restore_params(None, abstract)
-  checkpointer.close()
-  return params
+def restore_params(workdir, abstract):
+  with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as c:
+    return c.restore_params(None, abstract)
+
+
+def init_params(cfg, run):
+  return restore_params(cfg.finetune.init, run.abstract_state.params["model"])
+
+
+def forward_rows(run, params, batch):
+  return run.forward(params, batch["inputs"], batch["positions"], batch["segments"])
 
 
 def test_lora_sft_starts_at_base_trains_only_adapters_and_merges_exactly(sft_lora):
   cfg, out, _ = sft_lora
-  setup, state = restore_finetune_state(cfg, out)
-  base = init_params(cfg, setup)
-  batch = {k: jnp.asarray(v[:4]) for k, v in ft.load_task_data(cfg).val.items()}
-  model, scale = setup.model, ft.lora_scale(cfg)
+  run, state = restore_finetune_state(cfg, out)
+  base = init_params(cfg, run)
+  batch = {k: jnp.asarray(v[:4]) for k, v in tasks.load_task_data(cfg).val.items()}
+  model = run.model
   # step 0 (B = 0) computes exactly the base model
-  start = setup.init_fn()
+  start = run.init()
   base_logits = model.apply({"params": base}, batch["inputs"], batch["positions"],
                             segment_ids_BT=batch["segments"])
-  np.testing.assert_array_equal(ft.forward(model, start.params, batch, scale), base_logits)
+  np.testing.assert_array_equal(forward_rows(run, start.params, batch), base_logits)
   # only the adapters trained: the base is bit-identical, every B moved
   for a, b in zip(jax.tree_util.tree_leaves(state.params["model"]), jax.tree_util.tree_leaves(base)):
     np.testing.assert_array_equal(a, b)
-  assert all(np.abs(np.asarray(b)).max() > 0 for path, b in ft.flatten(state.params["lora"]).items()
+  assert all(np.abs(np.asarray(b)).max() > 0 for path, b in flatten(state.params["lora"]).items()
              if path.endswith("/b"))
   size = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))
   assert size(state.opt_state) <= 2 * size(state.params["lora"]) + 8  # none for the base
   # the merged export computes what the adapters compute
-  merged = ckpt_lib.Checkpointer(out, read_only=True).restore_params(
-      None, ckpt_lib.abstract_with_shardings(setup.abstract_state.params["model"],
-                                             setup.state_shardings.params["model"]))
+  merged = restore_params(out, run.abstract_state.params["model"])
   merged_logits = model.apply({"params": merged}, batch["inputs"], batch["positions"],
                               segment_ids_BT=batch["segments"])
-  adapter_logits = ft.forward(model, state.params, batch, scale)
+  adapter_logits = forward_rows(run, state.params, batch)
   np.testing.assert_allclose(merged_logits, adapter_logits, rtol=1e-4, atol=1e-4)
   assert np.abs(np.asarray(merged_logits - base_logits)).max() > 1.0
   # and it learned: the base answers VALUE i + 3, the fine-tuned model VALUE i
@@ -194,7 +203,7 @@ def test_sharded_over_a_2x2x2_mesh_gives_the_same_losses(init_run, sft_lora):
       cfg = ft.resolve_config("configs/finetune.py:sft", {out!r}, {init_run['init']!r},
                               {overrides!r})
       result = ft.finetune(cfg, {out!r}, progress=False, stop_at_step=12)
-      print(json.dumps({{"devices": result["setup"].mesh.devices.size}}))
+      print(json.dumps({{"devices": result["run"].mesh.devices.size}}))
       """, devices=8)
   assert result["devices"] == 8
   a, b = losses(straight, "train"), losses(out, "train")
@@ -216,17 +225,17 @@ def test_lora_classification_learns_and_the_exported_classifier_matches(init_run
   cfg, out, _ = cls_lora
   val = [r for r in read_metrics(out) if r["split"] == "val"]
   assert val[-1]["examples"] == 60 and val[-1]["accuracy"] > 0.8 and val[-1]["macro_f1"] > 0.8
-  setup, state = restore_finetune_state(cfg, out, num_classes=3)
+  run, state = restore_finetune_state(cfg, out, num_classes=3)
   for a, b in zip(jax.tree_util.tree_leaves(state.params["model"]),
-                  jax.tree_util.tree_leaves(init_params(cfg, setup))):
+                  jax.tree_util.tree_leaves(init_params(cfg, run))):
     np.testing.assert_array_equal(a, b)
-  classifier = ft.load_classifier(out)
+  classifier = load_classifier(out)
   assert classifier.labels == ["animal", "color", "fruit"] and classifier.pooling == "mean"
   with open(init_run["cls"]) as f:
     records = [json.loads(line) for line in f]
   texts = [r["text"] for r in records[:16]]
-  rows = ft.encode_classification(texts, classifier.tokenizer, cfg.data.seq_len)
-  adapter_logits = ft.class_logits(setup.model, state.params, rows, ft.lora_scale(cfg), "mean")
+  rows = tasks.encode_classification(texts, classifier.tokenizer, cfg.data.seq_len)
+  adapter_logits = losses_lib.class_logits(run.forward, state.params, rows, "mean")
   np.testing.assert_allclose(classifier.logits(texts), adapter_logits, rtol=1e-4, atol=1e-4)
   predicted = classifier.predict([r["text"] for r in records])
   assert np.mean([p == r["label"] for p, r in zip(predicted, records)]) > 0.8
@@ -267,16 +276,16 @@ def test_starts_from_a_converted_hugging_face_checkpoint(tmp_path):
       "train.log_every=1", "finetune.lora_targets=query,value,gate,down", f"finetune.data={data}"])
   result = ft.finetune(cfg, out, progress=False)
   assert result["exported"] == 4 and np.isfinite(result["val"]["loss"])
-  setup, state = restore_finetune_state(cfg, out)
-  assert set(ft.flatten(state.params["lora"])) == {
+  run, state = restore_finetune_state(cfg, out)
+  assert set(flatten(state.params["lora"])) == {
       f"layers/{m}/{n}/{x}" for m, n in (("attn", "query"), ("attn", "value"), ("mlp", "gate"),
                                          ("mlp", "down")) for x in "ab"}
-  _, plain, exported = train_lib.load_run(out)
-  batch = {k: jnp.asarray(v) for k, v in ft.load_task_data(cfg).val.items()}
+  _, plain, exported, _ = builder.load_params(out)
+  batch = {k: jnp.asarray(v) for k, v in tasks.load_task_data(cfg).val.items()}
   np.testing.assert_allclose(
-      plain.model.apply({"params": exported.params}, batch["inputs"], batch["positions"],
+      plain.model.apply({"params": exported}, batch["inputs"], batch["positions"],
                         segment_ids_BT=batch["segments"]),
-      ft.forward(setup.model, state.params, batch, ft.lora_scale(cfg)), rtol=1e-4, atol=1e-4)
+      forward_rows(run, state.params, batch), rtol=1e-4, atol=1e-4)
 
 
 def test_packed_examples_do_not_see_each_other():
@@ -287,8 +296,8 @@ def test_packed_examples_do_not_see_each_other():
   rng = np.random.default_rng(0)
   examples = [(list(rng.integers(4, 64, n)), [False] * p + [True] * (n - p))
               for n, p in ((20, 4), (15, 2), (12, 9), (9, 1))]
-  packed, stats = ft.pack_sft(examples, 32)
-  alone = [ft.pack_sft([e], 32)[0] for e in examples]
+  packed, stats = tasks.pack_sft(examples, 32)
+  alone = [tasks.pack_sft([e], 32)[0] for e in examples]
   assert stats["rows"] == 2 and packed["segments"].max() == 2
 
   @jax.jit
@@ -323,27 +332,27 @@ def test_packed_examples_do_not_see_each_other():
   def pooled(rows):
     hidden = enc.apply({"params": params}, rows["inputs"], rows["positions"],
                        segment_ids_BT=rows["segments"], return_hidden=True)
-    return [ft.pool(hidden, rows["segments"], p) for p in ("mean", "last", "first")]
+    return [losses_lib.pool(hidden, rows["segments"], p) for p in ("mean", "last", "first")]
 
-  short, long = (ft.encode_classification(texts, Tokenizer(), t) for t in (12, 32))
+  short, long = (tasks.encode_classification(texts, Tokenizer(), t) for t in (12, 32))
   np.testing.assert_allclose(pooled(short), pooled(long), rtol=1e-5, atol=1e-6)
 
 
 def test_data_formats():
-  segments = ft.sft_segments({"messages": [
+  segments = tasks.sft_segments({"messages": [
       {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
       {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
       {"role": "assistant", "content": "Bye!"}]}, "x:1")
   assert segments == [("system: Be brief.\n", False), ("user: Hi\n", False),
                       ("assistant: ", False), ("Hello", True), ("user: Bye\n", False),
                       ("assistant: ", False), ("Bye!", True)]
-  assert ft.best_fit([5, 3, 8, 2, 9, 1], 10) == [[4, 5], [2, 3], [0, 1]]
-  ids, names = ft.classification_labels([("x", {"text": "a", "label": s}) for s in "bab"], 0)
+  assert tasks.best_fit([5, 3, 8, 2, 9, 1], 10) == [[4, 5], [2, 3], [0, 1]]
+  ids, names = tasks.classification_labels([("x", {"text": "a", "label": s}) for s in "bab"], 0)
   assert (ids, names) == ([1, 0, 1], ["a", "b"])
-  assert ft.classification_labels([("x", {"text": "a", "label": i}) for i in (2, 0)], 4) == (
+  assert tasks.classification_labels([("x", {"text": "a", "label": i}) for i in (2, 0)], 4) == (
       [2, 0], ["0", "1", "2", "3"])
   # classes 0, 1, 2: F1 = 2TP / (2TP + FP + FN) = 2/5, 2/4, 0
-  assert ft.macro_f1(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 0, 0])) == pytest.approx(
+  assert losses_lib.macro_f1(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 0, 0])) == pytest.approx(
       (2 / 5 + 2 / 4 + 0) / 3)
 
 
@@ -377,7 +386,7 @@ def test_bad_inputs_are_refused_before_any_work(init_run, tmp_path):
     resolve("model.d_model=64")
   with pytest.raises(ConfigError, match="finetune.lora_targets must name"):
     resolve("finetune.lora_rank=4", "finetune.lora_targets=query,gate")
-  with pytest.raises(ConfigError, match="finetune.data=.*does not exist"):
+  with pytest.raises(DataError, match="finetune.data=.*does not exist"):
     resolve("finetune.data=" + str(tmp_path / "missing.jsonl"))
   with pytest.raises(ConfigError, match="Vocabulary mismatch: .* 400 pieces .*vocab_size=256"):
     resolve(init=fake_init(init_run["init"], tmp_path / "small", vocab_size=256))
@@ -385,14 +394,14 @@ def test_bad_inputs_are_refused_before_any_work(init_run, tmp_path):
     resolve(init=fake_init(init_run["init"], tmp_path / "encoder", causal=False))
   # jsonl problems name the line, before anything is written
   bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a"}])
-  with pytest.raises(ConfigError, match=r"bad.jsonl:2: an SFT example needs \"prompt\" and "):
+  with pytest.raises(DataError, match=r"bad.jsonl:2: an SFT example needs \"prompt\" and "):
     ft.finetune(resolve("finetune.data=" + bad), out)
   bad = write_jsonl(tmp_path / "bad_cls.jsonl", [{"text": "a", "label": 1}, {"txt": "b"}])
-  with pytest.raises(ConfigError, match=r"bad_cls.jsonl:2: a classification example needs"):
+  with pytest.raises(DataError, match=r"bad_cls.jsonl:2: a classification example needs"):
     ft.finetune(resolve("finetune.data=" + bad, spec="configs/finetune.py:classification"), out)
   with open(tmp_path / "broken.jsonl", "w") as f:
     f.write('{"prompt": "a", "response": "b"}\n{"prompt": \n')
-  with pytest.raises(ConfigError, match="broken.jsonl:2: not valid JSON"):
+  with pytest.raises(DataError, match="broken.jsonl:2: not valid JSON"):
     ft.finetune(resolve("finetune.data=" + str(tmp_path / "broken.jsonl")), out)
   assert not os.path.exists(out)
   # a workdir holding another fine-tuning is refused

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from lmjax import scaling
-from lmjax.config import ConfigError
+from lmjax.commands import fit as fit_command
+from lmjax.errors import DataError, UsageError
+from lmjax.scaling import law as scaling
+from lmjax.scaling.lbfgs import lbfgs
 
 CHINCHILLA = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
 
@@ -42,7 +44,7 @@ def test_lbfgs_matches_scipy_on_one_start():
                                                          "val_loss"))
   args = (np.log(n), np.log(d), np.log(loss), np.ones((1, len(n))))
   x0 = np.array([5.0, 5.0, 0.5, 0.5, 0.5])
-  x, f = scaling.lbfgs(lambda t, rows: scaling._objective(t, *args), x0[None])
+  x, f = lbfgs(lambda t, rows: scaling._objective(t, *args), x0[None])
   from scipy import optimize
   ref = optimize.minimize(lambda t: tuple(v[0] for v in scaling._objective(t[None], *args)), x0,
                           jac=True, method="L-BFGS-B", options={"ftol": 1e-14, "gtol": 1e-10})
@@ -111,7 +113,7 @@ def test_cli_fit_prints_writes_json_and_plots(tmp_path):
 def test_fit_errors(tmp_path, monkeypatch):
   out = run_cli("fit", f"--workdir={tmp_path}")
   assert out.returncode == 2 and "results.jsonl" in out.stderr and "lmjax sweep" in out.stderr
-  with pytest.raises(ConfigError, match="at least 5 finished points"):
+  with pytest.raises(DataError, match="at least 5 finished points"):
     scaling.fit(synthetic_results()[:4])
   import builtins
   real_import = builtins.__import__
@@ -122,6 +124,6 @@ def test_fit_errors(tmp_path, monkeypatch):
     return real_import(name, *args, **kwargs)
   monkeypatch.setattr(builtins, "__import__", no_matplotlib)
   (tmp_path / "results.jsonl").write_text("")
-  with pytest.raises(ConfigError, match=r"pip install -e \"\.\[plots\]\".*--no_plots"):
-    scaling.main_fit(str(tmp_path))
+  with pytest.raises(UsageError, match=r"pip install -e \"\.\[plots\]\".*--no_plots"):
+    fit_command.fit(str(tmp_path))
   assert not os.path.exists(tmp_path / "fit.json")  # nothing written

@@ -17,8 +17,10 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import jax  # noqa: E402
 
-from lmjax import hf  # noqa: E402
+from lmjax import builder, commands, hf  # noqa: E402
 from lmjax import train as train_lib  # noqa: E402
+from lmjax import workdir as workdir_lib  # noqa: E402
+from lmjax.hf import mapping  # noqa: E402
 
 TOL = 1e-4
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 24)).astype(np.int32)
@@ -50,9 +52,10 @@ def hf_logits(model, tokens=TOKENS):
 
 
 def lmjax_logits(workdir, tokens=TOKENS):
-  _, setup, state = train_lib.load_run(str(workdir))
-  with setup.context():
-    return np.asarray(setup.model.apply({"params": state.params}, tokens)), state
+  """(logits, params, step) of the run's latest checkpoint."""
+  _, run, params, step = builder.load_params(str(workdir))
+  with run.context():
+    return np.asarray(run.model.apply({"params": params}, tokens)), params, step
 
 
 def save(model, path, **kwargs):
@@ -96,29 +99,29 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["gpt2", "llama_gqa", "llama_tied", "mistral"])
 def test_imported_logits_match_hf(models, kind):
   model, _, run = models(kind)
-  logits, state = lmjax_logits(run)
+  logits, _, step = lmjax_logits(run)
   expected = hf_logits(model)
   assert np.abs(expected).max() > 0.5  # large enough that a wrong weight would show
   assert max_diff(logits, expected) < TOL
-  assert int(state.step) == 0  # a full TrainState: load_run restored it
+  assert step == 0  # the import is a run at step 0
 
 
 def test_imported_config(models):
-  cfg = train_lib.load_config(str(models.run("llama_gqa")))
+  cfg = workdir_lib.load_config(str(models.run("llama_gqa")))
   m = cfg.model
   assert (m.style, m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.head_dim) == (
       "llama", 2, 64, 4, 2, 16)
   assert (m.mlp_dim, m.vocab_size, m.max_len, m.tie_embeddings) == (96, 128, 64, False)
   assert (m.rope_theta, m.norm_eps, cfg.data.seq_len) == (500000.0, 1e-5, 64)
-  g = train_lib.load_config(str(models.run("gpt2"))).model
+  g = workdir_lib.load_config(str(models.run("gpt2"))).model
   assert (g.style, g.mlp_dim, g.tie_embeddings, g.norm_eps) == ("gpt2", 256, True, 1e-4)
 
 
 def test_scanned_layers_import(models, tmp_path):
   model, hf_dir = models.hf("llama_gqa")
   hf.import_hf(str(hf_dir), str(tmp_path / "run"), config_overrides=["model.scan_layers=true"])
-  logits, state = lmjax_logits(tmp_path / "run")
-  assert state.params["layers"]["attn"]["key"]["kernel"].shape == (2, 64, 2, 16)
+  logits, params, _ = lmjax_logits(tmp_path / "run")
+  assert params["layers"]["attn"]["key"]["kernel"].shape == (2, 64, 2, 16)
   assert max_diff(logits, hf_logits(model)) < TOL
   hf.export_hf(str(tmp_path / "run"), str(tmp_path / "out"))  # unstacks the layers again
   exported, original = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "out", hf_dir))
@@ -129,12 +132,12 @@ def test_scanned_layers_import(models, tmp_path):
 @pytest.mark.parametrize("kind", ["gpt2", "llama_gqa", "llama_tied"])
 def test_export_loads_in_transformers_and_round_trips(models, kind, tmp_path, capsys):
   _, hf_dir, run = models(kind)
-  assert hf.main_convert(None, str(tmp_path / "out"), str(run), None) == 0
+  assert commands.run(["convert", f"--to_hf={tmp_path / 'out'}", f"--workdir={run}"]) == 0
   assert "model.safetensors" in capsys.readouterr().out
   loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
       str(tmp_path / "out"), output_loading_info=True)
   assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-  logits, _ = lmjax_logits(run)
+  logits = lmjax_logits(run)[0]
   assert max_diff(hf_logits(loaded.eval()), logits) < TOL
 
   exported = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -173,10 +176,10 @@ def _swap_query_key_thirds(rules):  # GPT-2's fused c_attn
                                           ("gpt2", _swap_query_key_thirds)])
 def test_a_wrong_mapping_breaks_parity(models, kind, corrupt, tmp_path, monkeypatch):
   model, hf_dir = models.hf(kind)
-  real = hf.rules_for
-  monkeypatch.setattr(hf, "rules_for", lambda c: corrupt(real(c)))
+  real = mapping.rules_for
+  monkeypatch.setattr(mapping, "rules_for", lambda c: corrupt(real(c)))
   hf.import_hf(str(hf_dir), str(tmp_path / "run"))
-  logits, _ = lmjax_logits(tmp_path / "run")
+  logits = lmjax_logits(tmp_path / "run")[0]
   assert max_diff(logits, hf_logits(model)) > 100 * TOL
 
 
@@ -197,9 +200,9 @@ def test_bfloat16_checkpoint(models, tmp_path):
   safetensors.torch.save_file({k: v.bfloat16() for k, v in weights.items()},
                               str(bf16_dir / "model.safetensors"), metadata={"format": "pt"})
   hf.import_hf(str(bf16_dir), str(tmp_path / "run"))
-  _, state = lmjax_logits(tmp_path / "run")
+  _, params, _ = lmjax_logits(tmp_path / "run")
   expected = weights["model.embed_tokens.weight"].bfloat16().float().numpy()
-  assert np.array_equal(np.asarray(state.params["embed"]["embedding"]), expected)
+  assert np.array_equal(np.asarray(params["embed"]["embedding"]), expected)
 
 
 def _write_tokenizer(path, vocab_size=128):
@@ -218,16 +221,16 @@ def test_tokenizer_travels_and_greedy_decoding_matches_hf(models, tmp_path, caps
   model, hf_dir = models.hf("llama_gqa")
   with_tok = shutil.copytree(hf_dir, tmp_path / "with_tok")
   _write_tokenizer(with_tok / "tokenizer.model")
-  assert hf.main_convert(str(with_tok), None, str(tmp_path / "run"), None) == 0
+  assert commands.run(["convert", f"--from_hf={with_tok}", f"--workdir={tmp_path / 'run'}"]) == 0
   assert "data/tokenizer.model" in capsys.readouterr().out
-  cfg = train_lib.load_config(str(tmp_path / "run"))
+  cfg = workdir_lib.load_config(str(tmp_path / "run"))
   assert cfg.data.tokenizer == str(tmp_path / "run" / "data" / "tokenizer.model")
   assert os.path.isfile(cfg.data.tokenizer) and cfg.data.source == "pystdlib"
 
   # `lmjax generate`'s decoding (greedy, KV cache) follows HF's greedy generate
-  _, setup, state = train_lib.load_run(str(tmp_path / "run"))
+  _, run, params, _ = builder.load_params(str(tmp_path / "run"))
   prompt = TOKENS[0, :6].tolist()
-  (ours,) = decode.generate(setup.model, state.params, [prompt], max_new_tokens=8)
+  (ours,) = decode.generate(run.model, params, [prompt], max_new_tokens=8)
   with torch.no_grad():
     theirs = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, 6:].tolist()
@@ -246,13 +249,13 @@ def test_train_continues_from_the_import(models, tmp_path, capsys):
   hf.import_hf(str(hf_dir), workdir, config_overrides=[
       "train.steps=2", "train.batch_size=2", "data.seq_len=16", "train.eval_every=100",
       "train.eval_batches=1", "optim.learning_rate=1e-4", "optim.warmup_steps=0"])
-  _, _, imported = train_lib.load_run(workdir)
-  cfg = train_lib.load_config(workdir)
+  _, _, imported, _ = builder.load_params(workdir)
+  cfg = workdir_lib.load_config(workdir)
   result = train_lib.train(cfg, workdir, progress=False)
   assert "Resuming from step 0" in capsys.readouterr().out
   assert result["step"] == 2
   moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                                 result["state"].params, imported.params)
+                                 result["state"].params, imported)
   assert 0 < max(jax.tree_util.tree_leaves(moved)) < 0.01  # small steps from the HF weights
 
 
@@ -335,7 +338,7 @@ def test_existing_run_is_not_overwritten(models, tmp_path):
 
 def test_convert_needs_one_direction(tmp_path):
   with pytest.raises(ValueError, match="exactly one"):
-    hf.main_convert(None, None, str(tmp_path), None)
+    commands.run(["convert", f"--workdir={tmp_path}"])
 
 
 def test_convert_command_round_trip(models, tmp_path):

@@ -56,7 +56,8 @@ def test_bidirectional_attention_sees_the_future_and_not_pads():
   tokens = jnp.array([[5, 6, 7, 8, 9, 10, 11, 12]])
   later = tokens.at[0, 6].set(40)  # change position 6
   for causal in (True, False):
-    model = Transformer(ModelConfig(vocab_size=64, max_len=16, causal=causal))
+    model = Transformer(ModelConfig.create(num_layers=2, d_model=64, num_heads=4, mlp_dim=256,
+                                           vocab_size=64, max_len=16, causal=causal))
     params = model.init(jax.random.PRNGKey(0), tokens)["params"]
     apply = jax.jit(model.apply)
     a, b = apply({"params": params}, tokens), apply({"params": params}, later)
@@ -138,7 +139,7 @@ ONE_STEP = """
 import json, sys, jax
 sys.path.insert(0, TESTS)
 from conftest import tiny_config
-from lmjax import train as train_lib
+from conftest import build
 from lmjax.data import make_iterator
 out = {}
 for name, devices, extra in [
@@ -148,11 +149,11 @@ for name, devices, extra in [
      ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "optim.accumulation_steps=2"))]:
   cfg = tiny_config("model.causal=false", "train.objective=masked_lm", "train.batch_size=16",
                     "optim.warmup_steps=0", "optim.eps=1.0", *extra)
-  setup = train_lib.build(cfg, devices)
-  train_step, _ = train_lib.compile_steps(setup)
+  run = build(cfg, devices)
+  train_step = run.jit_train_step()
   iterator = make_iterator(cfg, "", "train")
-  state = setup.init_fn()
-  with setup.context():
+  state = run.init()
+  with run.context():
     for _ in range(2):
       state, metrics = train_step(state, next(iterator))
   kernel = state.params["layer_0"]["mlp"]["up"]["kernel"]
@@ -201,23 +202,23 @@ def test_mask_token_id_from_the_tokenizer(tmp_path):
   path = data_lib.resolve_tokenizer(mlm, str(tmp_path / "mlm"))
   sp = data_lib.load_tokenizer(path)
   assert sp.id_to_piece(5) == "[MASK]" and sp.id_to_piece(4) == "\n"
-  assert masking_lib.masking_for(mlm, str(tmp_path / "mlm")) == masking_lib.Masking(
+  assert data_lib.masking_for(mlm, str(tmp_path / "mlm")) == masking_lib.Masking(
       mask_id=5, random_vocab=300)
   # a causal run's tokenizer: no [MASK] piece; the model's vocabulary has room above its 300 ids
   causal = tiny_config(*common)
   path = data_lib.resolve_tokenizer(causal, str(tmp_path / "causal"))
   assert data_lib.load_tokenizer(path).id_to_piece(5) != "[MASK]"
   reuse = tiny_config(*MLM, *common, f"data.tokenizer={path}")
-  assert masking_lib.masking_for(reuse, None).mask_id == 300
+  assert data_lib.masking_for(reuse, None).mask_id == 300
   full = tiny_config(*MLM, *common, f"data.tokenizer={path}", "model.vocab_size=300")
   with pytest.raises(ConfigError, match="no '\\[MASK\\]' piece"):
-    masking_lib.masking_for(full, None)
-  assert masking_lib.masking_for(tiny_config(*MLM), None).mask_id == 63  # synthetic: the last id
+    data_lib.masking_for(full, None)
+  assert data_lib.masking_for(tiny_config(*MLM), None).mask_id == 63  # synthetic: the last id
 
 
 def test_bert_config_variants():
   from lmjax import config as config_lib
-  from lmjax.model import count_params
+  from lmjax.flops import count_params
   sizes = {}
   for variant in ("tiny", "base", "large"):
     cfg = config_lib.get_config(f"{ROOT}/configs/bert.py:{variant}")

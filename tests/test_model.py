@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.model import ModelConfig, Transformer, count_params, flops_per_token
+from lmjax.flops import count_params, flops_per_token
+from lmjax.model import ModelConfig, Transformer
 
-GPT = ModelConfig(style="gpt2", num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
+GPT = ModelConfig.create(style="gpt2", num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
                   mlp_dim=64, vocab_size=50, max_len=16)
-LLAMA = ModelConfig(style="llama", num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+LLAMA = ModelConfig.create(style="llama", num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                     head_dim=8, mlp_dim=64, vocab_size=50, max_len=16, tie_embeddings=False)
 TOKENS = jnp.array(np.random.default_rng(0).integers(0, 50, (2, 12)), jnp.int32)
 
@@ -89,7 +90,7 @@ def test_bfloat16_compute_with_float32_params():
 
 def test_flops_per_token_formula():
   # GPT-2 124M at T=1024: 6 * (85M layer params + 38.6M head) + 12 * 12 * 1024 * 768
-  cfg = ModelConfig(style="gpt2", num_layers=12, d_model=768, num_heads=12, num_kv_heads=12,
+  cfg = ModelConfig.create(style="gpt2", num_layers=12, d_model=768, num_heads=12, num_kv_heads=12,
                     head_dim=64, mlp_dim=3072, vocab_size=50304, max_len=1024)
   matmul = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 50304
   assert flops_per_token(cfg, 1024) == 6 * matmul + 12 * 12 * 1024 * 768

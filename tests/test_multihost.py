@@ -8,8 +8,7 @@ import time
 import portpicker
 import pytest
 
-from conftest import ROOT
-from lmjax.checkpoint import Checkpointer
+from conftest import ROOT, latest_step
 from lmjax.metrics import read_metrics
 
 COMMON = ["--config=configs/quickstart.py", "--no_progress", "--config.data.source=synthetic",
@@ -86,7 +85,7 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step(tmp_path):
     time.sleep(0.2)
   procs[1][0].send_signal(signal.SIGTERM)  # a maintenance event on the second host only
   outs = finish(procs)
-  saved = Checkpointer(str(workdir), read_only=True).latest_step()
+  saved = latest_step(workdir)
   assert saved >= 3 and saved == max(r["step"] for r in read_metrics(workdir))
   assert "Stopped by" in outs[0]
   # rerunning the same launch resumes

@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import build, tiny_config
 
 from lmjax import mup
 from lmjax import optim as optim_lib
-from lmjax import train as train_lib
-from lmjax.config import ConfigError
+from lmjax.errors import ConfigError
 
 
 def test_mup_init_and_learning_rates():
@@ -17,13 +16,13 @@ def test_mup_init_and_learning_rates():
   wide = tiny_config("model.d_model=128", "model.num_heads=8", "model.mlp_dim=512",
                      "model.parametrization=mup", "model.mup_base_width=32",
                      "optim.warmup_steps=0", "optim.grad_clip=0.0", "optim.weight_decay=0.0")
-  params = train_lib.build(wide).init_fn().params
+  params = build(wide).init().params
   layer = params["layer_0"]
   # hidden matrices: std 0.02 / sqrt(width_mult = 4); embeddings keep sp's 0.02
   assert np.std(layer["attn"]["query"]["kernel"]) == pytest.approx(0.01, rel=0.1)
   assert np.std(layer["mlp"]["up"]["kernel"]) == pytest.approx(0.01, rel=0.1)
   assert np.std(params["embed"]["embedding"]) == pytest.approx(0.02, rel=0.1)
-  assert np.std(train_lib.build(base).init_fn().params["layer_0"]["mlp"]["up"]["kernel"]) == \
+  assert np.std(build(base).init().params["layer_0"]["mlp"]["up"]["kernel"]) == \
       pytest.approx(0.02, rel=0.1)
   # Adam's first update has size lr for every weight; mup divides the hidden ones by 4
   sp = wide.copy_and_resolve_references()

@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import build, tiny_config
 from lmjax import train as train_lib
 from lmjax.data import make_iterator
 from lmjax.metrics import read_metrics
@@ -24,22 +24,21 @@ def test_warmup_then_cosine_to_min_ratio():
 
 
 def test_no_weight_decay_on_norms_and_biases():
-  setup = train_lib.build(tiny_config())
-  mask = weight_decay_mask(setup.abstract_state.params)
+  run = build(tiny_config())
+  mask = weight_decay_mask(run.abstract_state.params)
   assert mask["layer_0"]["attn"]["query"]["kernel"] and mask["embed"]["embedding"]
   assert not mask["layer_0"]["attn"]["query"]["bias"]
   assert not mask["layer_0"]["attn_norm"]["scale"] and not mask["final_norm"]["bias"]
-  scanned = train_lib.build(tiny_config("model.scan_layers=true"))  # norms become 2-D there
+  scanned = build(tiny_config("model.scan_layers=true"))  # norms become 2-D there
   assert not weight_decay_mask(scanned.abstract_state.params)["layers"]["attn_norm"]["scale"]
 
 
 def one_step(*overrides):
   cfg = tiny_config(*overrides)
-  setup = train_lib.build(cfg)
-  train_step, _ = train_lib.compile_steps(setup)
+  run = build(cfg)
   batch = next(make_iterator(cfg, "", "train"))
-  with setup.context():
-    state, metrics = train_step(setup.init_fn(), batch)
+  with run.context():
+    state, metrics = run.jit_train_step()(run.init(), batch)
   return jax.device_get(state.params), jax.device_get(metrics)
 
 

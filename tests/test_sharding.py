@@ -3,7 +3,7 @@ import pytest
 
 from conftest import run_python, tiny_config
 from lmjax import sharding as sharding_lib
-from lmjax.config import ConfigError
+from lmjax.errors import ConfigError
 
 LOSSES = """
 import json, jax
@@ -37,12 +37,10 @@ def test_meshes_give_the_same_losses():
 SHARDS = """
 import sys, json, jax
 sys.path.insert(0, TESTS)
-from conftest import tiny_config
-from lmjax import train as train_lib
+from conftest import build, tiny_config
 cfg = tiny_config("model.d_model=64", "model.num_heads=4", "model.mlp_dim=128",
                   "model.vocab_size=128", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-setup = train_lib.build(cfg)
-state = setup.init_fn()
+state = build(cfg).init()
 shard = lambda x: list(x.addressable_shards[0].data.shape)
 p = state.params
 mu = state.opt_state[1][0].mu  # clip, then adamw's (scale_by_adam, ...)
@@ -79,11 +77,10 @@ def test_mesh_must_fit_devices():
 def test_dimensions_that_do_not_divide_are_a_clear_error():
   code = f"""
 import sys, json; sys.path.insert(0, {__import__('os').path.dirname(__file__)!r})
-from conftest import tiny_config
-from lmjax import train as train_lib
-from lmjax.config import ConfigError
+from conftest import build, tiny_config
+from lmjax.errors import ConfigError
 try:
-  train_lib.build(tiny_config("model.num_heads=3", "model.head_dim=8", "mesh.tensor=2"))
+  build(tiny_config("model.num_heads=3", "model.head_dim=8", "mesh.tensor=2"))
   print(json.dumps({{"error": None}}))
 except ConfigError as e:
   print(json.dumps({{"error": str(e)}}))
@@ -96,6 +93,7 @@ RESHARD = """
 import sys, json, jax, numpy as np
 sys.path.insert(0, TESTS)
 from conftest import tiny_config
+from lmjax import builder
 from lmjax import train as train_lib
 from lmjax.metrics import read_metrics
 common = ("train.steps=6", "train.checkpoint_every=3", "model.d_model=64", "model.mlp_dim=128",
@@ -105,13 +103,13 @@ if MODE == "first":
   train_lib.train(tiny_config(*common, "mesh.data=8"), WORKDIR + "/reference", progress=False)
   train_lib.train(tiny_config(*common, "mesh.data=8"), WORKDIR + "/moved", progress=False,
                   stop_at_step=3)
-  _, _, state = train_lib.load_run(WORKDIR + "/moved")
-  out["params"] = float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree_util.tree_leaves(state.params)))
+  _, _, params, _ = builder.load_params(WORKDIR + "/moved")
+  out["params"] = float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree_util.tree_leaves(params)))
 else:
   mesh = ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2") if MODE == "fsdp_tensor" else ("mesh.data=-1",)
-  _, setup, state = train_lib.load_run(WORKDIR + "/moved", overrides=mesh)
-  out["params"] = float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree_util.tree_leaves(state.params)))
-  out["query_shard"] = list(state.params["layer_0"]["attn"]["query"]["kernel"].addressable_shards[0].data.shape)
+  _, _, params, _ = builder.load_params(WORKDIR + "/moved", overrides=mesh)
+  out["params"] = float(sum(np.abs(np.asarray(x)).sum() for x in jax.tree_util.tree_leaves(params)))
+  out["query_shard"] = list(params["layer_0"]["attn"]["query"]["kernel"].addressable_shards[0].data.shape)
   train_lib.train(tiny_config(*common, *mesh), WORKDIR + "/moved", progress=False)
   losses = lambda d: [r["loss"] for r in read_metrics(d) if r["split"] == "train"]
   out["reference"], out["moved"] = losses(WORKDIR + "/reference"), losses(WORKDIR + "/moved")
@@ -137,11 +135,10 @@ def test_restore_onto_another_mesh(tmp_path, mode, devices):
 SPLIT = """
 import sys, json, math, jax
 sys.path.insert(0, TESTS)
-from conftest import tiny_config
-from lmjax import train as train_lib
+from conftest import build, tiny_config
 cfg = tiny_config("model.d_model=64", "model.num_heads=8", "model.mlp_dim=128",
                   "model.vocab_size=128", *MESH)
-state = train_lib.build(cfg).init_fn()
+state = build(cfg).init()
 def fractions(tree):
   out = {}
   for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:

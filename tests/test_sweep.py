@@ -8,12 +8,13 @@ import subprocess
 import textwrap
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, build, run_cli
 
 from lmjax import sweep
 from lmjax import train as train_lib
-from lmjax.config import ConfigError
-from lmjax.model import ModelConfig, flops_per_token
+from lmjax.errors import ConfigError
+from lmjax.flops import flops_per_token
+from lmjax.model import ModelConfig
 
 MICRO = """
 from lmjax.sweep import default_sweep_config
@@ -59,9 +60,9 @@ def test_budgets_become_steps_with_the_flop_formula(tmp_path):
     assert p.cfg.train.batch_size == 8 and p.cfg.data.seq_len == 16  # the base's batch rule
     assert p.cfg.optim.learning_rate == (5e-3 if p.name.startswith("wide") else 1e-2)
     assert p.workdir == os.path.join(str(tmp_path / "w"), p.name)
-  setup = train_lib.build(points[1].cfg)  # the counts are the real model's
-  assert points[1].params == setup.num_params
-  assert points[1].params_nonembedding == setup.num_params - 64 * 32 - 32 * 32  # token, positions
+  run = build(points[1].cfg)  # the counts are the real model's
+  assert points[1].params == run.num_params
+  assert points[1].params_nonembedding == run.num_params - 64 * 32 - 32 * 32  # token, positions
 
   tokens = sweep.load_sweep(write_sweep(tmp_path, "s.tokens = (2000.0,)"))
   for p in sweep.make_plan(tokens, str(tmp_path / "t"))[0]:

@@ -1,27 +1,29 @@
-"""Data: sources -> tokenizer -> prepared token shards -> global batches.
+"""Data: sources -> tokenizer -> prepared token shards -> global batches (pretraining), and jsonl
+examples -> rows (fine-tuning, `tasks`).
 
-The loop only sees `make_iterator(cfg, workdir, split, ...)`: an iterator of int32 arrays of shape
-[local_batch, seq_len + 1] (this process's rows of the global batch) with `get_state()` /
-`set_state()` (JSON-serializable) so that its position is part of every checkpoint.
+The loop only sees iterators of batches, dicts of this process's rows of each global batch
+(pretraining: {"tokens": int32 [local_batch, seq_len + 1]}), with `get_state()` / `set_state()`
+(JSON-serializable) so that their position is part of every checkpoint.
 """
 from __future__ import annotations
 
 from lmjax.data.prepare import is_prepared, prepare, read_index
 from lmjax.data.sources import iter_documents
 from lmjax.data.synthetic import SyntheticIterator
-from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, prepared_dir,
+from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, masking_for,
                                   resolve_tokenizer, train_tokenizer)
 
 __all__ = ["SyntheticIterator", "bytes_per_token", "check_vocab", "file_sha256", "is_prepared",
-           "iter_documents", "load_tokenizer", "make_iterator", "prepare", "prepared_dir",
+           "iter_documents", "load_tokenizer", "make_iterator", "masking_for", "prepare",
            "read_index", "resolve_tokenizer", "train_tokenizer"]
 
 
 def make_iterator(cfg, workdir: str, split: str = "train", process_index: int = 0,
                   process_count: int = 1, batch_size: int | None = None):
+  """The pretraining batches of a split (the data is prepared first if it is not yet)."""
   batch_size = batch_size or cfg.train.batch_size
   if cfg.data.source == "synthetic":
-    # masked LM keeps the last id out of the stream: it is the mask token (lmjax.masking)
+    # masked LM keeps the last id out of the stream: it is the mask token (tokenizer.masking_for)
     vocab = cfg.model.vocab_size - (1 if cfg.train.objective == "masked_lm" else 0)
     return SyntheticIterator(vocab, cfg.data.seq_len, batch_size, cfg.train.seed, process_index,
                              process_count, split)

@@ -20,8 +20,9 @@ import os
 import grain
 import numpy as np
 
+from lmjax import workdir as workdir_lib
 from lmjax.data.prepare import read_index
-from lmjax.data.tokenizer import prepared_dir
+from lmjax.errors import ConfigError, DataError
 
 
 class TokenWindows:
@@ -65,43 +66,44 @@ def window_dataset(num_windows: int, batch_size: int, seed: int, shuffle: bool) 
 
 
 class TokenIterator:
-  """Batches int32 [batch_size // process_count, seq_len + 1]; same interface as SyntheticIterator."""
+  """Batches {"tokens": int32 [batch_size // process_count, seq_len + 1]}; same interface as
+  SyntheticIterator."""
 
   def __init__(self, cfg, workdir: str, split: str = "train", process_index: int = 0,
                process_count: int = 1, batch_size: int | None = None):
     batch_size = batch_size or cfg.train.batch_size
     if batch_size % process_count:
-      raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes.")
+      raise ConfigError(f"batch size {batch_size} is not divisible by {process_count} processes.")
     index = read_index(cfg, workdir)
     if split not in index["splits"]:
-      raise ValueError(f"No split '{split}' in the prepared data; use one of "
-                       f"{sorted(index['splits'])}.")
+      raise DataError(f"No split '{split}' in the prepared data; use one of "
+                      f"{sorted(index['splits'])}.")
     if cfg.model.vocab_size < index["vocab_size"]:
-      raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the prepared "
-                       f"data's vocabulary ({index['vocab_size']}). Set --config.model.vocab_size="
-                       f"{-(-index['vocab_size'] // 128) * 128}.")
+      raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the prepared "
+                        f"data's vocabulary ({index['vocab_size']}). Set --config.model.vocab_size="
+                        f"{-(-index['vocab_size'] // 128) * 128}.")
     shards = index["splits"][split]["shards"]
-    directory = prepared_dir(cfg, workdir)
+    directory = workdir_lib.prepared_dir(cfg, workdir)
     self.windows = TokenWindows([os.path.join(directory, s["file"]) for s in shards],
                                 [s["tokens"] for s in shards], index["dtype"], cfg.data.seq_len)
     if not len(self.windows):
-      raise ValueError(f"The {split} split has {index['splits'][split]['tokens']} tokens, fewer "
-                       f"than one window of data.seq_len + 1 = {cfg.data.seq_len + 1}. Lower "
-                       f"data.seq_len or prepare more data.")
+      raise DataError(f"The {split} split has {index['splits'][split]['tokens']} tokens, fewer "
+                      f"than one window of data.seq_len + 1 = {cfg.data.seq_len + 1}. Lower "
+                      f"data.seq_len or prepare more data.")
     self.split, self.batch_size, self.seed = split, batch_size, cfg.train.seed
     self.local_batch = batch_size // process_count
     self.batches_per_epoch = max(1, len(self.windows) // batch_size)
     begin = process_index * self.local_batch
     rows = slice(begin, begin + self.local_batch)
     batches = window_dataset(len(self.windows), batch_size, cfg.train.seed, split == "train")
-    batches = batches.map(lambda ids: self.windows.rows(ids[rows]))
+    batches = batches.map(lambda ids: {"tokens": self.windows.rows(ids[rows])})
     options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.data.prefetch))
     self._iterator = iter(batches.to_iter_dataset(options))
 
   def __iter__(self):
     return self
 
-  def __next__(self) -> np.ndarray:
+  def __next__(self) -> dict:
     return next(self._iterator)
 
   def get_state(self) -> dict:
@@ -111,9 +113,10 @@ class TokenIterator:
   def set_state(self, state: dict) -> None:
     saved = (state["split"], state["batch_size"], state["num_windows"])
     if saved != (self.split, self.batch_size, len(self.windows)):
-      raise ValueError(f"The saved data position is for (split, global batch size, windows) = "
-                       f"{saved}, but this iterator has {(self.split, self.batch_size, len(self.windows))}."
-                       f" Resume with the same train.batch_size, data.seq_len and prepared data.")
+      now = (self.split, self.batch_size, len(self.windows))
+      raise ConfigError(f"The saved data position is for (split, global batch size, windows) = "
+                        f"{saved}, but this iterator has {now}. Resume with the same "
+                        "train.batch_size, data.seq_len and prepared data.")
     self._iterator.set_state(state["grain"])
 
   def close(self) -> None:

@@ -28,9 +28,10 @@ import numpy as np
 import sentencepiece as spm
 import tqdm
 
+from lmjax import workdir as workdir_lib
 from lmjax.data.sources import is_validation_document, iter_documents
-from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, prepared_dir,
-                                  resolve_tokenizer)
+from lmjax.data.tokenizer import check_vocab, file_sha256, load_tokenizer, resolve_tokenizer
+from lmjax.errors import ConfigError, DataError
 
 SPLITS = ("train", "val")
 TASK_CHARS = 1 << 18  # text per worker task: large enough to amortize pickling, small for the bar
@@ -64,13 +65,13 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def index_path(cfg, workdir: str) -> str:
-  return os.path.join(prepared_dir(cfg, workdir), "index.json")
+  return os.path.join(workdir_lib.prepared_dir(cfg, workdir), "index.json")
 
 
 def is_prepared(cfg, workdir: str) -> bool:
   """Whether the prepared dir is complete for this config (same source, settings and tokenizer)."""
   index = _read_json(index_path(cfg, workdir))
-  tokenizer = cfg.data.tokenizer or os.path.join(prepared_dir(cfg, workdir), "tokenizer.model")
+  tokenizer = workdir_lib.tokenizer_path(cfg, workdir)
   return (index is not None and os.path.isfile(tokenizer) and
           index["fingerprint"] == fingerprint(cfg, tokenizer))
 
@@ -78,8 +79,8 @@ def is_prepared(cfg, workdir: str) -> bool:
 def read_index(cfg, workdir: str) -> dict:
   index = _read_json(index_path(cfg, workdir))
   if index is None:
-    raise ValueError(f"No prepared data at '{index_path(cfg, workdir)}'. Run `lmjax prepare "
-                     f"--config=... --workdir={workdir}` (training does it too).")
+    raise DataError(f"No prepared data at '{index_path(cfg, workdir)}'. Run `lmjax prepare "
+                    f"--config=... --workdir={workdir}` (training does it too).")
   return index
 
 
@@ -87,8 +88,8 @@ def _check_same_data(index: dict, expected: dict, out_dir: str) -> None:
   diffs = [f"{k}: prepared {index['fingerprint'].get(k)!r}, now {v!r}"
            for k, v in expected.items() if index["fingerprint"].get(k) != v]
   if diffs:
-    raise ValueError(f"'{out_dir}' already holds data prepared differently:\n  " +
-                     "\n  ".join(diffs) + "\nUse another data.prepared_dir (or --workdir), or "
+    raise ConfigError(f"'{out_dir}' already holds data prepared differently:\n  " +
+                      "\n  ".join(diffs) + "\nUse another data.prepared_dir (or --workdir), or "
                      f"delete '{out_dir}' to rebuild it. Nothing was changed.")
 
 
@@ -162,8 +163,8 @@ def _eos_id(processor: spm.SentencePieceProcessor) -> int:
   """The tokenizer's own eos (a given tokenizer, e.g. Llama's, may number it differently)."""
   eos = processor.eos_id()
   if eos < 0:
-    raise ValueError("The tokenizer has no eos piece, which lmjax puts between documents. Train one "
-                     "with `lmjax tokenizer train` or give a SentencePiece model that has eos.")
+    raise DataError("The tokenizer has no eos piece, which lmjax puts between documents. Train one "
+                    "with `lmjax tokenizer train` or give a SentencePiece model that has eos.")
   return eos
 
 
@@ -223,8 +224,8 @@ def _check_enough_tokens(splits: dict, cfg) -> None:
   for split, hint in (("train", "use more text (data.source, data.max_bytes)"),
                       ("val", f"raise data.val_fraction (now {cfg.data.val_fraction})")):
     if splits[split]["tokens"] < window:
-      raise ValueError(f"The {split} split has {splits[split]['tokens']} tokens, fewer than one "
-                       f"window of data.seq_len + 1 = {window}: {hint}, or lower data.seq_len.")
+      raise DataError(f"The {split} split has {splits[split]['tokens']} tokens, fewer than one "
+                      f"window of data.seq_len + 1 = {window}: {hint}, or lower data.seq_len.")
 
 
 def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:
@@ -235,7 +236,7 @@ def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:
 
 def prepare(cfg, workdir: str) -> dict:
   """Tokenizes the corpus into shards (resuming an interrupted run); returns the index."""
-  out_dir = prepared_dir(cfg, workdir)
+  out_dir = workdir_lib.prepared_dir(cfg, workdir)
   os.makedirs(out_dir, exist_ok=True)
   tokenizer_path = resolve_tokenizer(cfg, workdir)
   processor = load_tokenizer(tokenizer_path)

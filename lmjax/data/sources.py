@@ -7,7 +7,7 @@ built from them (tokenizer, shards, the validation split) is reproducible.
               site-packages excluded (~30 MB, everywhere Python is; files that are not UTF-8 skipped)
   tfds:NAME   a TFDS dataset already built in `data.tfds_data_dir` (optional extra; never downloads)
 
-Errors are raised when `iter_documents` is called or the bad file is reached, as `ValueError`s that
+Errors are raised when `iter_documents` is called or the bad file is reached, as `DataError`s that
 name the path and what to do.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import json
 import os
 import sysconfig
 from typing import Iterable, Iterator
+
+from lmjax.errors import ConfigError, DataError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
 
@@ -34,8 +36,8 @@ def iter_documents(cfg) -> Iterator[str]:
   elif kind == "tfds" and arg:
     docs = tfds_documents(arg, data.tfds_data_dir, data.tfds_split, data.text_field)
   else:
-    raise ValueError(f"data.source='{data.source}' has no documents. Use pystdlib, text:GLOB "
-                     f"(.txt/.jsonl[.gz] files) or tfds:NAME.")
+    raise ConfigError(f"data.source='{data.source}' has no documents. Use pystdlib, text:GLOB "
+                      f"(.txt/.jsonl[.gz] files) or tfds:NAME.")
   return cap_bytes(docs, data.max_bytes) if data.max_bytes > 0 else docs
 
 
@@ -64,12 +66,12 @@ def text_files(pattern: str) -> list[str]:
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
   if not paths:
-    raise ValueError(f"data.source='text:{pattern}' matches no files. Check the path; quote the "
-                     f"glob on the command line so the shell does not expand it.")
+    raise DataError(f"data.source='text:{pattern}' matches no files. Check the path; quote the "
+                    f"glob on the command line so the shell does not expand it.")
   unsupported = [p for p in paths if not p.endswith(TEXT_SUFFIXES)]
   if unsupported:
-    raise ValueError(f"data.source='text:{pattern}' matches files of an unknown kind, e.g. "
-                     f"'{unsupported[0]}'. Supported: {', '.join(TEXT_SUFFIXES)}; narrow the glob.")
+    raise DataError(f"data.source='text:{pattern}' matches files of an unknown kind, e.g. "
+                    f"'{unsupported[0]}'. Supported: {', '.join(TEXT_SUFFIXES)}; narrow the glob.")
   return paths
 
 
@@ -91,15 +93,15 @@ def jsonl_documents(path: str, text_field: str) -> Iterator[str]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where} is not valid JSON ({e}). Each line of a .jsonl file must be "
-                         f"one JSON object.") from None
+        raise DataError(f"{where} is not valid JSON ({e}). Each line of a .jsonl file must be "
+                        f"one JSON object.") from None
       if not isinstance(record, dict) or text_field not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where} has no field '{text_field}' (it has {keys}). Set "
-                         f"--config.data.text_field=NAME to the field that holds the text.")
+        raise DataError(f"{where} has no field '{text_field}' (it has {keys}). Set "
+                        f"--config.data.text_field=NAME to the field that holds the text.")
       if not isinstance(record[text_field], str):
-        raise ValueError(f"{where}: field '{text_field}' is {type(record[text_field]).__name__}, "
-                         f"not a string. Set data.text_field to a text field.")
+        raise DataError(f"{where}: field '{text_field}' is {type(record[text_field]).__name__}, "
+                        f"not a string. Set data.text_field to a text field.")
       yield record[text_field]
 
 
@@ -109,24 +111,24 @@ def _open_text(path: str):
       return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
   except OSError as e:
-    raise ValueError(f"Cannot read '{path}' ({e.strerror or e}). Fix its permissions or remove it "
-                     f"from data.source.") from None
+    raise DataError(f"Cannot read '{path}' ({e.strerror or e}). Fix its permissions or remove it "
+                    f"from data.source.") from None
 
 
 def _read(f, path: str) -> str:
   try:
     return f.read()
   except (OSError, EOFError, UnicodeDecodeError) as e:
-    raise ValueError(f"Cannot read '{path}' as UTF-8 text ({e}). Convert it to UTF-8 (or fix the "
-                     f"corrupt .gz), or remove it from data.source.") from None
+    raise DataError(f"Cannot read '{path}' as UTF-8 text ({e}). Convert it to UTF-8 (or fix the "
+                    f"corrupt .gz), or remove it from data.source.") from None
 
 
 def _lines(f, path: str) -> Iterator[str]:
   try:
     yield from f
   except (OSError, EOFError, UnicodeDecodeError) as e:
-    raise ValueError(f"Cannot read '{path}' as UTF-8 text ({e}). Convert it to UTF-8 (or fix the "
-                     f"corrupt .gz), or remove it from data.source.") from None
+    raise DataError(f"Cannot read '{path}' as UTF-8 text ({e}). Convert it to UTF-8 (or fix the "
+                    f"corrupt .gz), or remove it from data.source.") from None
 
 
 def pystdlib_files() -> list[str]:
@@ -151,23 +153,23 @@ def tfds_documents(name: str, data_dir: str, split: str, text_field: str) -> Ite
   try:
     import tensorflow_datasets as tfds  # optional: pip install -e .[tfds]
   except ImportError:
-    raise ValueError(f"data.source='tfds:{name}' needs tensorflow-datasets, which is not installed: "
-                     f"pip install -e .[tfds]") from None
+    raise DataError(f"data.source='tfds:{name}' needs tensorflow-datasets, which is not installed: "
+                    f"pip install -e .[tfds]") from None
   try:
     dataset = tfds.load(name, split=split, data_dir=data_dir or None, download=False,
                         shuffle_files=False)
   except Exception as e:  # TFDS raises many kinds (DatasetNotFoundError, AssertionError, ...)
-    raise ValueError(f"TFDS dataset '{name}' (split '{split}') is not in data.tfds_data_dir="
-                     f"'{data_dir}' ({type(e).__name__}: {e}). Build it there once, on a machine "
-                     f"with network: `tfds build {name} --data_dir=DIR`; lmjax never "
-                     f"downloads.") from None
+    raise DataError(f"TFDS dataset '{name}' (split '{split}') is not in data.tfds_data_dir="
+                    f"'{data_dir}' ({type(e).__name__}: {e}). Build it there once, on a machine "
+                    f"with network: `tfds build {name} --data_dir=DIR`; lmjax never "
+                    f"downloads.") from None
   return _tfds_texts(tfds.as_numpy(dataset), name, text_field)
 
 
 def _tfds_texts(examples, name: str, text_field: str) -> Iterator[str]:
   for example in examples:
     if text_field not in example:
-      raise ValueError(f"TFDS dataset '{name}' has no feature '{text_field}' (it has "
-                       f"{sorted(example)}). Set --config.data.text_field=NAME.")
+      raise DataError(f"TFDS dataset '{name}' has no feature '{text_field}' (it has "
+                      f"{sorted(example)}). Set --config.data.text_field=NAME.")
     text = example[text_field]
     yield text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text)

@@ -2,11 +2,13 @@
 
 Each sequence follows a fixed random permutation of the vocabulary (token t is followed by perm[t])
 with 10% random tokens mixed in. Batch i is a pure function of (seed, i), so the iterator's whole
-state is the batch index.
+state is the batch index. Batches are {"tokens": int32 [local batch, seq_len + 1]}.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from lmjax.errors import ConfigError
 
 
 class SyntheticIterator:
@@ -14,7 +16,7 @@ class SyntheticIterator:
   def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, split: str = "train"):
     if batch_size % process_count:
-      raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes.")
+      raise ConfigError(f"batch size {batch_size} is not divisible by {process_count} processes.")
     self.vocab_size, self.seq_len = vocab_size, seq_len
     self.local_batch = batch_size // process_count
     self.offset = process_index * self.local_batch
@@ -35,10 +37,10 @@ class SyntheticIterator:
   def __iter__(self):
     return self
 
-  def __next__(self) -> np.ndarray:
+  def __next__(self) -> dict:
     rows = [self._row(self.index, self.offset + r) for r in range(self.local_batch)]
     self.index += 1
-    return np.stack(rows)
+    return {"tokens": np.stack(rows)}
 
   def get_state(self) -> dict:
     return {"index": self.index}

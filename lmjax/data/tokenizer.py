@@ -14,7 +14,10 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from lmjax import workdir as workdir_lib
 from lmjax.data.sources import is_validation_document, iter_documents
+from lmjax.errors import ConfigError, DataError
+from lmjax.masking import Masking
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK_PIECE = "[MASK]"  # a user-defined piece of tokenizers trained for masked LM
@@ -22,14 +25,6 @@ MASK_PIECE = "[MASK]"  # a user-defined piece of tokenizers trained for masked L
 # at most this many characters (<= 4 bytes each) always fit.
 CHUNK_CHARS = 4096
 MAX_SENTENCE_BYTES = 4 * CHUNK_CHARS
-
-
-def prepared_dir(cfg, workdir: str) -> str:
-  if cfg.data.prepared_dir:
-    return cfg.data.prepared_dir
-  if "://" in workdir:  # memmaps need a local disk: each host keeps its own copy of the shards
-    return os.path.join(os.path.expanduser("~/.cache/lmjax/data"), workdir.split("://", 1)[1])
-  return os.path.join(workdir, "data")
 
 
 def training_chunks(docs: Iterable[str], max_chars: int = CHUNK_CHARS) -> Iterator[str]:
@@ -65,8 +60,6 @@ def tokenizer_sample(cfg) -> Iterator[str]:
 def train_tokenizer(cfg, out_prefix: str) -> str:
   """Trains a SentencePiece model on a sample of the corpus; returns `out_prefix + ".model"`."""
   vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
-  if cfg.data.tokenizer_type not in ("bpe", "unigram"):
-    raise ValueError(f"data.tokenizer_type must be bpe or unigram, got '{cfg.data.tokenizer_type}'.")
   os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   masked_lm = cfg.train.objective == "masked_lm"  # "[MASK]" gets id 5, after "\n" (4)
   tmp_prefix = out_prefix + ".tmp"
@@ -81,9 +74,9 @@ def train_tokenizer(cfg, out_prefix: str) -> str:
         max_sentence_length=MAX_SENTENCE_BYTES,
         num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
-    raise ValueError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size (now {vocab_size}) "
-                     f"or give it more text (data.tokenizer_sample_bytes, data.max_bytes, "
-                     f"data.source).") from None
+    raise DataError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size "
+                    f"(now {vocab_size}) or give it more text (data.tokenizer_sample_bytes, "
+                    "data.max_bytes, data.source).") from None
   for ext in (".model", ".vocab"):  # whole files only: a killed run never leaves a half model
     os.replace(tmp_prefix + ext, out_prefix + ext)
   return out_prefix + ".model"
@@ -91,26 +84,30 @@ def train_tokenizer(cfg, out_prefix: str) -> str:
 
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
   if not os.path.isfile(path):
-    raise ValueError(f"Tokenizer '{path}' does not exist. Set data.tokenizer to a SentencePiece "
-                     f".model file, or to '' to train one.")
-  return spm.SentencePieceProcessor(model_file=path)
+    raise DataError(f"Tokenizer '{path}' does not exist. Set data.tokenizer to a SentencePiece "
+                    f".model file, or to '' to train one.")
+  try:
+    return spm.SentencePieceProcessor(model_file=path)
+  except (OSError, RuntimeError) as e:
+    raise DataError(f"Cannot load the tokenizer {path} ({e}): it is not a SentencePiece .model "
+                    "file, or it is damaged.") from None
 
 
 def resolve_tokenizer(cfg, workdir: str) -> str:
   """The tokenizer's path: `data.tokenizer`, else `<prepared_dir>/tokenizer.model` (trained once)."""
   if cfg.data.tokenizer:
     if not os.path.isfile(cfg.data.tokenizer):
-      raise ValueError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist. Point it at a "
-                       f"SentencePiece .model file, or set it to '' to train one on the corpus.")
+      raise DataError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist. Point it at a "
+                      f"SentencePiece .model file, or set it to '' to train one on the corpus.")
     return cfg.data.tokenizer
-  path = os.path.join(prepared_dir(cfg, workdir), "tokenizer.model")
+  path = workdir_lib.tokenizer_path(cfg, workdir)
   if not os.path.isfile(path):
     return train_tokenizer(cfg, path[:-len(".model")])
   size = load_tokenizer(path).get_piece_size()
   if cfg.data.vocab_size and size != cfg.data.vocab_size:
-    raise ValueError(f"'{path}' has {size} pieces but data.vocab_size={cfg.data.vocab_size}. Use "
-                     f"a new data.prepared_dir (or --workdir) to train another tokenizer, or set "
-                     f"data.vocab_size={size}.")
+    raise ConfigError(f"'{path}' has {size} pieces but data.vocab_size={cfg.data.vocab_size}. Use "
+                      f"a new data.prepared_dir (or --workdir) to train another tokenizer, or set "
+                      f"data.vocab_size={size}.")
   return path
 
 
@@ -119,9 +116,9 @@ def check_vocab(cfg, sp: spm.SentencePieceProcessor) -> None:
   size = sp.get_piece_size()
   if cfg.model.vocab_size < size:
     padded = -(-size // 128) * 128
-    raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                     f"vocabulary ({size} pieces). Set --config.model.vocab_size={padded} (>= {size};"
-                     f" a multiple of 128 is fastest), or use a smaller tokenizer.")
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                      f"vocabulary ({size} pieces). Set --config.model.vocab_size={padded} (>= "
+                      f"{size}; a multiple of 128 is fastest), or use a smaller tokenizer.")
 
 
 def file_sha256(path: str) -> str:
@@ -130,3 +127,39 @@ def file_sha256(path: str) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
+
+
+def masking_for(cfg, workdir: str | None = None) -> Masking:
+  """A masked LM's Masking, with the mask token's id from the run's tokenizer: train.mask_token_id
+  if set; synthetic data: vocab_size - 1 (which the synthetic stream then never contains); text:
+  the tokenizer's "[MASK]" piece (trained in when train.objective=masked_lm), else the first id
+  after the tokenizer's pieces if model.vocab_size leaves room. Without a tokenizer to read (a
+  benchmark of a text config with no workdir), vocab_size - 1 stands in."""
+  t, vocab = cfg.train, cfg.model.vocab_size
+  explicit = t.mask_token_id if t.mask_token_id >= 0 else None
+  path = workdir_lib.tokenizer_path(cfg, workdir) if (workdir or cfg.data.tokenizer) else ""
+  if cfg.data.source == "synthetic":
+    mask_id, random_vocab = vocab - 1, vocab - 1
+  elif path and os.path.isfile(path):
+    sp = load_tokenizer(path)
+    size = sp.get_piece_size()
+    piece_id = sp.piece_to_id(MASK_PIECE)
+    random_vocab = size
+    if sp.id_to_piece(piece_id) == MASK_PIECE:
+      mask_id = piece_id
+    elif size < vocab:
+      mask_id = size  # an id no text encodes to
+    elif explicit is None:
+      raise ConfigError(
+          f"The tokenizer {path} has no '{MASK_PIECE}' piece and model.vocab_size={vocab} "
+          f"leaves no spare id for one. Set --config.model.vocab_size={size + 1} (or more), or "
+          f"--config.train.mask_token_id=ID, or prepare the data with "
+          f"train.objective=masked_lm (which trains the piece into a new tokenizer).")
+    else:
+      mask_id = explicit
+  else:
+    mask_id, random_vocab = vocab - 1, vocab
+  return Masking(mask_id=explicit if explicit is not None else mask_id,
+                 random_vocab=random_vocab, prob=t.mask_prob,
+                 mask_fraction=t.mask_token_fraction, random_fraction=t.random_token_fraction,
+                 pad_id=PAD_ID)

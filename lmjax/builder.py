@@ -1,0 +1,221 @@
+"""The one builder of a run: the model, mesh, shardings, optimizer and the jitted init of its state,
+from a config, an objective and where the params come from.
+
+A run's state is initialized in this order (as in big_vision's train.py):
+  1. resume: the workdir's latest checkpoint, restored by the loop onto `run.abstract_state`;
+  2. from another run or an import: `FromRun(workdir)` restores that run's params alone,
+     `FromParams(tree)` places given params (an HF import); adapters, head, optimizer state and
+     RNG start fresh;
+  3. from scratch: `FromSeed()`, random params from train.seed.
+
+The params are the model's tree, or, when the run adds parts to the model (LoRA adapters, a
+classification head), {"model": tree, "lora": ..., "head": ...}; with LoRA only the adapters and
+head train (`TrainState.trainable`).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
+from lmjax import lora as lora_lib
+from lmjax import sharding as sharding_lib
+from lmjax import workdir as workdir_lib
+from lmjax.data.tokenizer import masking_for
+from lmjax.errors import ConfigError
+from lmjax.flops import count_params
+from lmjax.losses import Forward, Objective, objective as make_objective
+from lmjax.model import ModelConfig, Transformer
+from lmjax.optim import learning_rate_schedule, make_optimizer
+from lmjax.step import TrainState, make_train_step
+from lmjax.trees import unflatten
+
+
+@dataclasses.dataclass(frozen=True)
+class FromSeed:
+  """Random params from train.seed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FromRun:
+  """The latest params of the run in `workdir` (a `lmjax train` run or an import)."""
+  workdir: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FromParams:
+  """Given model params: host arrays (an HF import), placed onto the mesh, or global arrays
+  already on it (a fine-tuning's merged export)."""
+  params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything built from a config that the loop, eval, bench, generate and export share."""
+  cfg: Any
+  objective: Objective
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: Transformer
+  forward: Forward
+  optimizer: Any
+  schedule: Any
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+  state_shardings: TrainState
+  batch_shardings: dict  # field -> NamedSharding
+  init_state: Callable  # pure: (base model params or None for random) -> TrainState at step 0
+  init: Callable[[], TrainState]  # the state at step 0 from the run's init source, on the mesh
+
+  @contextlib.contextmanager
+  def context(self):
+    """Mesh and logical rules for tracing (activation sharding constraints)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
+
+  @property
+  def num_params(self) -> int:
+    return count_params(self.abstract_state.params)
+
+  @property
+  def num_trainable(self) -> int:
+    return count_params(self.abstract_state.trainable_params())
+
+  def model_params(self, params):
+    """The model's own tree of a run's params."""
+    return params["model"] if "model" in params else params
+
+  def train_step(self):
+    """The pure (state, batch) -> (state, metrics) of this run's objective and optimizer."""
+    return make_train_step(self.objective.train_loss(self.forward), self.optimizer,
+                           self.schedule, self.cfg.optim.accumulation_steps,
+                           self.objective.prepare)
+
+  def jit_train_step(self):
+    """train_step jitted with the run's shardings, the state donated."""
+    return jax.jit(self.train_step(), in_shardings=(self.state_shardings, self.batch_shardings),
+                   out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+  def jit_eval_step(self):
+    """(params, batch) -> the objective's sums for the batch, replicated on every device."""
+    return jax.jit(functools.partial(self.objective.evaluate, self.forward),
+                   in_shardings=(self.state_shardings.params, self.batch_shardings),
+                   out_shardings=sharding_lib.replicated(self.mesh))
+
+
+def pretraining_objective(cfg, workdir: str | None = None) -> Objective:
+  """train.objective, with a masked LM's mask token read from the run's tokenizer."""
+  masking = masking_for(cfg, workdir) if cfg.train.objective == "masked_lm" else None
+  return make_objective(cfg.train.objective, masking=masking)
+
+
+def _parts(cfg, objective: Objective, model: Transformer):
+  """(abstract model params, logical specs of the whole params, LoRA layout, trainable keys,
+  whether the params nest the model's tree among other parts)."""
+  dummy_BT = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_BT)["params"])
+  base, base_specs = nn.unbox(boxed), nn.get_partition_spec(boxed)
+  f = cfg.finetune
+  rank = f.lora_rank if objective.name in config_lib.FINETUNE_TASKS else 0
+  targets = tuple(t.strip() for t in f.lora_targets.split(",") if t.strip())
+  layout = lora_lib.layout(base, base_specs, targets, rank) if rank else {}
+  if rank and not layout:
+    raise ConfigError(f"finetune.lora_targets={f.lora_targets!r} matches no projection of this "
+                      f"{cfg.model.style} model.")
+  extras = {}
+  if layout:
+    extras["lora"] = unflatten({f"{k}/{x}": P(*v[i]) for k, v in layout.items()
+                                for x, i in (("a", 1), ("b", 3))})
+  if objective.num_classes:
+    extras["head"] = {"kernel": P("embed", None), "bias": P(None)}
+  specs = {"model": base_specs, **extras} if extras else base_specs
+  trainable = tuple(extras) if layout else None
+  return base, specs, layout, trainable, bool(extras)
+
+
+def _state_initializer(cfg, objective, model, optimizer, layout, trainable, nested: bool):
+  """init_state(base=None) -> TrainState at step 0: `base` model params (random from the seed if
+  None), plus fresh adapters and head, optimizer state over what trains, the RNG."""
+  dummy_BT = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+  pdt = jnp.dtype(cfg.model.param_dtype)
+
+  def init_state(base=None):
+    key = jax.random.PRNGKey(cfg.train.seed)
+    if base is None:
+      base = nn.unbox(model.init(key, dummy_BT)["params"])
+    params = {"model": base} if nested else base
+    if layout:
+      params["lora"] = lora_lib.init(jax.random.fold_in(key, 2), layout, pdt)
+    if objective.num_classes:
+      params["head"] = {"kernel": cfg.model.init_std * jax.random.normal(
+          jax.random.fold_in(key, 3), (cfg.model.d_model, objective.num_classes), pdt),
+                        "bias": jnp.zeros((objective.num_classes,), pdt)}
+    state = TrainState(jnp.zeros((), jnp.int32), params, None, jax.random.fold_in(key, 1),
+                       trainable)
+    return state.replace(opt_state=optimizer.init(state.trainable_params()))
+
+  return init_state
+
+
+def build(cfg, objective: Objective, init=FromSeed(), devices=None) -> Run:
+  """The run `cfg` makes with `objective`, its params from `init` (FromSeed, FromRun,
+  FromParams). Nothing is computed on the devices until `run.init()` is called."""
+  mesh = sharding_lib.make_mesh(cfg, devices)
+  rules = sharding_lib.logical_rules(cfg)
+  model = Transformer(ModelConfig.from_config(cfg))
+  optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
+  base, specs, layout, trainable, nested = _parts(cfg, objective, model)
+  init_state = _state_initializer(cfg, objective, model, optimizer, layout, trainable, nested)
+  param_shardings = sharding_lib.logical_to_sharding(specs, mesh, rules)
+  abstract = jax.eval_shape(init_state)
+  state_shardings = sharding_lib.state_shardings(abstract, param_shardings, mesh)
+  sharding_lib.check_batch_divisible(cfg.train.batch_size, cfg.optim.accumulation_steps, mesh,
+                                     rules)
+  batch_shardings = sharding_lib.batch_shardings(mesh, rules, objective.batch_fields)
+  base_shardings = param_shardings["model"] if nested else param_shardings
+  run = Run(cfg, objective, mesh, rules, model,
+            Forward(model, lora_lib.scale(cfg.finetune.lora_rank, cfg.finetune.lora_alpha)),
+            optimizer, schedule, ckpt_lib.abstract_with_shardings(abstract, state_shardings),
+            state_shardings, batch_shardings, init_state, init=lambda: None)
+  abstract_base = ckpt_lib.abstract_with_shardings(base, base_shardings)
+  return dataclasses.replace(run, init=_initializer(run, init, abstract_base))
+
+
+def _initializer(run: Run, init, abstract_base) -> Callable[[], TrainState]:
+  jitted = jax.jit(run.init_state, out_shardings=run.state_shardings)
+
+  def from_source():
+    if isinstance(init, FromSeed):
+      with run.context():
+        return jitted()
+    if isinstance(init, FromRun):
+      with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(init.workdir),
+                                     read_only=True) as checkpoints:
+        base = checkpoints.restore_params(None, abstract_base)
+    else:  # FromParams: global arrays as they are; of host arrays each process reads its slices
+      base = jax.tree_util.tree_map(
+          lambda x, s: x if isinstance(x, jax.Array) else jax.make_array_from_callback(
+              x.shape, s.sharding, lambda idx: x[idx]), init.params, abstract_base)
+    with run.context():
+      return jitted(base)
+
+  return from_source
+
+
+def load_params(workdir: str, step: int | None = None, overrides=()):
+  """(cfg, run, params, step) of a run's checkpoint: the params alone (no optimizer state), for
+  commands that only read a model (eval, generate, export)."""
+  cfg = workdir_lib.load_config(workdir, overrides)
+  run = build(cfg, pretraining_objective(cfg, workdir))
+  with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir),
+                                 read_only=True) as checkpoints:
+    step = checkpoints.latest_step() if step is None else step
+    params = checkpoints.restore_params(step, run.abstract_state.params)
+  return cfg, run, params, step

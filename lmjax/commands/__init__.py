@@ -1,0 +1,62 @@
+"""`lmjax <command>`: one module per command, each with `HELP`, `add_arguments(parser)` and
+`run(args, overrides) -> exit status`. A command parses its flags, calls the library and prints
+what it returns; the library under it never reads sys.argv or prints results.
+
+Every command that takes a config accepts `--config=FILE.py[:VARIANT]` and any number of
+`--config.a.b=VALUE` overrides (commands that read a trained run default to WORKDIR/config.json).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lmjax.commands import (bench, config, convert, coordcheck, eval, finetune, fit, generate,
+                            prepare, sweep, tokenizer, train)
+from lmjax.errors import LmjaxError
+
+COMMANDS = {"train": train, "eval": eval, "generate": generate, "prepare": prepare,
+            "tokenizer": tokenizer, "bench": bench, "convert": convert, "finetune": finetune,
+            "sweep": sweep, "fit": fit, "coordcheck": coordcheck, "config": config}
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="lmjax", description="Pretrain, evaluate, fine-tune and sample Transformer language "
+      "models.", epilog="Override any config key with --config.SECTION.KEY=VALUE, e.g. "
+      "--config.train.steps=100. `lmjax config --keys` lists every key.")
+  sub = p.add_subparsers(dest="command", required=True)
+  for name, module in COMMANDS.items():
+    module.add_arguments(sub.add_parser(name, help=module.HELP))
+  return p
+
+
+def split_overrides(argv):
+  """(other arguments, ["a.b=v", ...] from every --config.a.b=v)."""
+  rest, overrides = [], []
+  for arg in argv:
+    if arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def run(argv) -> int:
+  argv, overrides = split_overrides(argv)
+  args = parser().parse_args(argv)
+  return COMMANDS[args.command].run(args, overrides)
+
+
+def main(argv=None) -> None:
+  """The `lmjax` entry point: an LmjaxError is printed as one message (exit 2); anything else
+  is a bug or a platform failure and shows its traceback."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    code = run(argv)
+  except LmjaxError as e:
+    print(f"lmjax: error: {e}", file=sys.stderr)
+    code = 2
+  except KeyboardInterrupt:
+    print("lmjax: interrupted", file=sys.stderr)
+    code = 130
+  sys.exit(code)

@@ -1,0 +1,29 @@
+"""lmjax generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...]: sample continuations."""
+from __future__ import annotations
+
+HELP = "sample continuations of prompts from a trained run"
+
+
+def add_arguments(p) -> None:
+  p.add_argument("--workdir", required=True, help="the run directory")
+  p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--max_new_tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+
+
+def run(args, overrides) -> int:
+  from lmjax import distributed
+  from lmjax import generate
+  from lmjax import workdir as workdir_lib
+  distributed.initialize_distributed(workdir_lib.load_config(args.workdir, overrides))
+  texts = generate.generate_text(
+      args.workdir, args.prompt, step=args.step, overrides=overrides,
+      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+      top_p=args.top_p, seed=args.seed)
+  for prompt, text in zip(args.prompt, texts):
+    print(f"=== {prompt!r}\n{prompt}{text}\n")
+  return 0

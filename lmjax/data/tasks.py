@@ -1,0 +1,272 @@
+"""Fine-tuning data: jsonl examples -> fixed rows of data.seq_len, held in memory.
+
+  sft             {"prompt": str, "response": str}, or {"messages": [{"role": str, "content": str},
+                  ...]}. Tokens: prompt, response, eos; a conversation is "ROLE: CONTENT\\n" for
+                  each message, except that assistant turns are "assistant: " CONTENT eos. The loss
+                  is on response (assistant) tokens and their eos only. Examples are packed into
+                  rows of data.seq_len (best-fit decreasing); each keeps its own positions (from 0)
+                  and attends only within itself (segment ids), so packing changes no example's
+                  loss. Tokens past seq_len + 1 are cut.
+  classification  {"text": str, "label": int or str}. Tokens: text cut to seq_len - 1, eos.
+
+finetune.val_fraction of the examples (drawn by train.seed) are held out; `eval_batches` yields
+every held-out row once.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+
+import numpy as np
+from etils import epath
+
+from lmjax.data.tokenizer import load_tokenizer
+from lmjax.errors import ConfigError, DataError
+
+
+def read_jsonl(path: str) -> list[tuple[str, dict]]:
+  """[(where, record)] with where = 'path:line', for error messages."""
+  records = []
+  with epath.Path(path).open() as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg}); finetune.data must hold one JSON "
+                        "object a line.") from None
+      if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+      records.append((where, record))
+  if not records:
+    raise DataError(f"finetune.data={path} holds no examples.")
+  return records
+
+
+def sft_segments(record: dict, where: str) -> list[tuple[str, bool]]:
+  """An SFT example as (text, is_response) pieces; every response piece is followed by eos."""
+  if "messages" in record:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+      raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", "
+                      "\"content\"}} objects.")
+    pieces = []
+    for m in messages:
+      if not (isinstance(m, dict) and isinstance(m.get("role"), str) and
+              isinstance(m.get("content"), str)):
+        raise DataError(f"{where}: every message needs \"role\" and \"content\" strings; got "
+                        f"{json.dumps(m)[:80]}.")
+      if m["role"] == "assistant":
+        pieces += [("assistant: ", False), (m["content"], True)]
+      else:
+        pieces.append((f"{m['role']}: {m['content']}\n", False))
+    if not any(is_response for _, is_response in pieces):
+      raise DataError(f"{where}: the conversation has no assistant message to learn.")
+    return pieces
+  if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+    return [(record["prompt"], False), (record["response"], True)]
+  raise DataError(f"{where}: an SFT example needs \"prompt\" and \"response\" strings, or "
+                  "\"messages\": [{\"role\": ..., \"content\": ...}, ...]; this one has keys "
+                  f"{sorted(record)}.")
+
+
+def sft_tokens(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[bool]]:
+  ids, is_target = [], []
+  for (text, response), piece_ids in zip(pieces, tokenizer.encode([t for t, _ in pieces])):
+    piece_ids = list(piece_ids) + ([tokenizer.eos_id()] if response else [])
+    ids += piece_ids
+    is_target += [response] * len(piece_ids)
+  return ids, is_target
+
+
+def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+  """Indices of `lengths` grouped into bins of `capacity`, longest first into the fullest bin
+  that holds it (best-fit decreasing)."""
+  bins: list[list[int]] = []
+  free: list[tuple[int, int]] = []  # sorted (room left, bin)
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    j = bisect.bisect_left(free, (lengths[i], -1))
+    if j < len(free):
+      room, b = free.pop(j)
+      bins[b].append(i)
+    else:
+      room, b = capacity, len(bins)
+      bins.append([i])
+    bisect.insort(free, (room - lengths[i], b))
+  return bins
+
+
+def pack_sft(examples: list[tuple[list[int], list[bool]]], seq_len: int) -> tuple[dict, dict]:
+  """Examples (ids, is_target) -> rows {inputs, targets, weights, positions, segments} [R, T]
+  (segments: 1, 2, ... per example in a row, 0 for padding), and counts."""
+  kept, truncated, dropped = [], 0, 0
+  for ids, is_target in examples:
+    if len(ids) > seq_len + 1:
+      ids, is_target, truncated = ids[:seq_len + 1], is_target[:seq_len + 1], truncated + 1
+    if not any(is_target[1:]):  # nothing left to predict
+      dropped += 1
+      continue
+    kept.append((ids, is_target))
+  bins = best_fit([len(ids) - 1 for ids, _ in kept], seq_len)
+  shape = (len(bins), seq_len)
+  rows = {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32),
+          "weights": np.zeros(shape, np.float32), "positions": np.zeros(shape, np.int32),
+          "segments": np.zeros(shape, np.int32)}
+  for r, members in enumerate(bins):
+    start = 0
+    for segment, i in enumerate(members, 1):
+      ids, is_target = kept[i]
+      n, span = len(ids) - 1, slice(start, start + len(ids) - 1)
+      rows["inputs"][r, span], rows["targets"][r, span] = ids[:-1], ids[1:]
+      rows["weights"][r, span] = is_target[1:]
+      rows["positions"][r, span], rows["segments"][r, span] = np.arange(n), segment
+      start += n
+  return rows, {"examples": len(kept), "truncated": truncated, "dropped": dropped,
+                "rows": len(bins), "target_tokens": int(rows["weights"].sum())}
+
+
+def classification_labels(records, num_classes: int) -> tuple[list[int], list[str]]:
+  """Label ids and class names: ints are ids themselves; strings are sorted into ids."""
+  for where, record in records:
+    if not isinstance(record.get("text"), str) or "label" not in record:
+      raise DataError(f"{where}: a classification example needs a \"text\" string and a "
+                      f"\"label\" (int or string); this one has keys {sorted(record)}.")
+    label = record["label"]
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+      raise DataError(f"{where}: \"label\" must be an int or a string, got {label!r}.")
+  labels = [record["label"] for _, record in records]
+  if all(isinstance(x, int) for x in labels):
+    if min(labels) < 0:
+      raise DataError(f"Integer labels must be >= 0, got {min(labels)}.")
+    names = [str(i) for i in range(num_classes or max(labels) + 1)]
+    ids = labels
+  elif all(isinstance(x, str) for x in labels):
+    names = sorted(set(labels))
+    names += [f"class_{i}" for i in range(len(names), num_classes)]
+    ids = [names.index(x) for x in labels]
+  else:
+    raise DataError("Labels mix ints and strings; use one kind.")
+  if max(ids) >= len(names):
+    raise ConfigError(f"finetune.num_classes={num_classes}, but the data has label "
+                      f"{max(labels)!r}: there are at least {max(ids) + 1} classes.")
+  if len(names) < 2:
+    raise DataError(f"Classification needs at least 2 classes; the data has {names}.")
+  return ids, names
+
+
+def encode_classification(texts: list[str], tokenizer, seq_len: int) -> dict:
+  """Rows {inputs, positions, segments (1 = token, 0 = pad)} [N, T] of text + eos."""
+  eos = tokenizer.eos_id()
+  rows = {"inputs": np.zeros((len(texts), seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                       (len(texts), seq_len)).copy(),
+          "segments": np.zeros((len(texts), seq_len), np.int32)}
+  for i, ids in enumerate(tokenizer.encode(list(texts))):
+    ids = (list(ids)[:seq_len - 1] + [eos]) if eos >= 0 else (list(ids)[:seq_len] or [0])
+    rows["inputs"][i, :len(ids)], rows["segments"][i, :len(ids)] = ids, 1
+  return rows
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, val) example indices: a permutation by `seed`, its first share held out."""
+  order = np.random.default_rng(seed).permutation(n)
+  num_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+  if n - num_val < 1:
+    raise ConfigError(f"finetune.data has {n} examples: too few to hold out "
+                      f"finetune.val_fraction={val_fraction} and still train.")
+  return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+@dataclasses.dataclass
+class TaskData:
+  train: dict  # rows: name -> array [N, ...]
+  val: dict | None
+  stats: dict
+  labels: list[str] | None = None  # classification: class names
+
+
+def load_task_data(cfg) -> TaskData:
+  f = cfg.finetune
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  records = read_jsonl(f.data)
+  train_idx, val_idx = split_indices(len(records), f.val_fraction, cfg.train.seed)
+  if f.task == "sft":
+    if tokenizer.eos_id() < 0:
+      raise DataError(f"The tokenizer {cfg.data.tokenizer} has no eos piece, which SFT appends "
+                      "to every response (to know when to stop).")
+    examples = [sft_tokens(sft_segments(record, where), tokenizer) for where, record in records]
+    train, stats = pack_sft([examples[i] for i in train_idx], cfg.data.seq_len)
+    val, val_stats = pack_sft([examples[i] for i in val_idx], cfg.data.seq_len) if len(
+        val_idx) else (None, {})
+    if not stats["examples"]:
+      raise ConfigError(f"No training example of {f.data} has a response token within "
+                        f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; raise data.seq_len.")
+    stats = {"train": stats, "val": val_stats}
+    return TaskData(train, val if val_stats.get("examples") else None, stats)
+  ids, names = classification_labels(records, f.num_classes)
+  rows = encode_classification([record["text"] for _, record in records], tokenizer,
+                               cfg.data.seq_len)
+  rows["labels"] = np.asarray(ids, np.int32)
+  rows["valid"] = np.ones(len(ids), np.float32)
+  take = lambda idx: {k: v[idx] for k, v in rows.items()}
+  stats = {"train": {"examples": len(train_idx)}, "val": {"examples": len(val_idx)},
+           "classes": len(names)}
+  return TaskData(take(train_idx), take(val_idx) if len(val_idx) else None, stats, names)
+
+
+class RowIterator:
+  """This process's rows of global batches of rows, shuffled and reshuffled every epoch by the
+  seed: the loader's Grain pipeline over row ids (state: the next batch's index)."""
+
+  def __init__(self, rows: dict, batch_size: int, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    import grain
+
+    from lmjax.data.loader import window_dataset
+    if batch_size % process_count:
+      raise ConfigError(f"train.batch_size={batch_size} is not divisible by {process_count} "
+                        "processes.")
+    self.num_rows, self.batch_size = len(rows["inputs"]), batch_size
+    local = batch_size // process_count
+    mine = slice(process_index * local, (process_index + 1) * local)
+    batches = window_dataset(self.num_rows, batch_size, seed, shuffle=True)
+    batches = batches.map(lambda ids: {k: v[ids[mine]] for k, v in rows.items()})
+    self._iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                                     prefetch_buffer_size=2)))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._iterator)
+
+  def get_state(self) -> dict:
+    return {"grain": self._iterator.get_state(), "rows": self.num_rows,
+            "batch_size": self.batch_size}
+
+  def set_state(self, state: dict) -> None:
+    if (state.get("rows"), state.get("batch_size")) != (self.num_rows, self.batch_size):
+      raise ConfigError(f"The checkpoint's data position is for {state.get('rows')} rows in "
+                        f"batches of {state.get('batch_size')}, but finetune.data now makes "
+                        f"{self.num_rows} rows in batches of {self.batch_size}: the data, "
+                        "data.seq_len or train.batch_size changed. Resume with the same ones, or "
+                        "use a new --workdir.")
+    self._iterator.set_state(state["grain"])
+
+  def close(self) -> None:
+    self._iterator.close()
+
+
+def eval_batches(rows: dict, batch_size: int, process_index: int = 0, process_count: int = 1):
+  """Every row once, in order, in global batches (the last filled with empty rows, which weigh
+  nothing); this process's rows of each."""
+  n = len(rows["inputs"])
+  pad = -n % batch_size
+  rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
+  local = batch_size // process_count
+  for start in range(0, n + pad, batch_size):
+    begin = start + process_index * local
+    yield {k: v[begin:begin + local] for k, v in rows.items()}

@@ -1,0 +1,58 @@
+"""Multi-host: joining the cluster (`jax.distributed.initialize`) and host-level agreement."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+
+def _cluster_in_environment() -> bool:
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return True
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return True
+  # Cloud TPU VM: JAX finds the slice's other hosts through the metadata server.
+  return any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")) and \
+      "TPU_SKIP_MDS_QUERY" not in env
+
+
+def initialize_distributed(cfg) -> None:
+  """`jax.distributed.initialize` from config or environment; must run before any JAX work."""
+  d = cfg.distributed  # distributed.initialize is one of config.CHOICES (checked by finalize)
+  explicit = bool(d.coordinator_address) or d.num_processes > 0 or d.process_id >= 0
+  if d.initialize == "no" or (d.initialize == "auto" and not explicit and
+                              not _cluster_in_environment()):
+    return
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes > 0:
+    kwargs["num_processes"] = d.num_processes
+  if d.process_id >= 0:
+    kwargs["process_id"] = d.process_id
+  if d.local_device_ids:
+    kwargs["local_device_ids"] = [int(i) for i in d.local_device_ids.split(",")]
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU needs a transport
+  jax.distributed.initialize(**kwargs)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (a cheap host-level all-reduce)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

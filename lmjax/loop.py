@@ -1,0 +1,238 @@
+"""The training loop of `lmjax train` and `lmjax finetune`: everything stateful around the pure step
+(the data iterator, the checkpoint manager, the metrics writer, the progress bar, signals).
+
+  restore the latest checkpoint (data position included), or `run.init()`
+  for each step: place the next batch while this one computes; check the previous step's numbers;
+    log every train.log_every, evaluate every train.eval_every, checkpoint every
+    train.checkpoint_every and when asked to stop (SIGTERM / Ctrl-C / another host / stop_at_step)
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Callable
+
+import jax
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import distributed
+from lmjax import metrics as metrics_lib
+from lmjax import sharding as sharding_lib
+from lmjax import workdir as workdir_lib
+from lmjax.errors import TrainingError
+from lmjax.evaluate import format_result
+from lmjax.flops import flops_per_token
+
+log = metrics_lib.log
+
+
+class StopRequest:
+  """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly."""
+
+  def __init__(self):
+    self.requested = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: no signal handling
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.requested = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+class Progress:
+  """What the loop reports: metrics.jsonl and TensorBoard (process 0), a tqdm bar or log lines,
+  and the speed of the steps since the clock last restarted (compiling, evals and checkpoints
+  are not timed)."""
+
+  def __init__(self, run, workdir: str, start: int, progress: bool):
+    cfg = run.cfg
+    self.is_writer = jax.process_index() == 0
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_writer)
+    self.bar = None
+    if progress and self.is_writer:
+      from tqdm import tqdm
+      self.bar = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step",
+                      dynamic_ncols=True)
+    self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    self.flops_per_step = flops_per_token(run.model.cfg, cfg.data.seq_len) * self.tokens_per_step
+    self.peak_flops = metrics_lib.peak_flops_total(run.mesh.devices.flatten())
+    self.clock, self.steps = None, 0
+
+  def say(self, msg: str) -> None:
+    if self.bar is not None:
+      self.bar.write(msg)
+    else:
+      log(msg)
+
+  def restart_clock(self) -> None:
+    self.clock, self.steps = time.perf_counter(), 0
+
+  def stepped(self, metrics) -> None:
+    if self.clock is None:  # the first step compiles: time from its end
+      jax.block_until_ready(metrics)
+      self.restart_clock()
+    else:
+      self.steps += 1
+
+  def train_record(self, done: int, metrics) -> dict:
+    """Writes (and shows) a step's metrics with the speed since the clock last restarted."""
+    record = {k: float(v) for k, v in metrics.items()}
+    now = time.perf_counter()
+    if self.steps:
+      step_time = (now - self.clock) / self.steps
+      record.update(step_time=step_time, tokens_per_second=self.tokens_per_step / step_time,
+                    mfu=self.flops_per_step / step_time / self.peak_flops)
+    self.writer.write(done, "train", **record)
+    self.clock, self.steps = now, 0
+    if self.bar is not None:
+      self.bar.set_postfix(loss=f"{record['loss']:.3f}",
+                           tok_s=f"{record.get('tokens_per_second', 0):.0f}")
+    else:
+      self.say(format_train(done, record))
+    return record
+
+  def close(self) -> None:
+    self.writer.close()
+    if self.bar is not None:
+      self.bar.close()
+
+
+def format_train(step: int, record: dict) -> str:
+  text = f"step {step}: loss {record['loss']:.4f}"
+  if "masked_accuracy" in record:
+    text += f", masked accuracy {record['masked_accuracy']:.3f}"
+  text += f", lr {record['lr']:.2e}, grad norm {record['grad_norm']:.3f}"
+  if "step_time" in record:
+    text += (f", {record['tokens_per_second']:.0f} tokens/s, MFU {record['mfu']:.1%}, "
+             f"{record['step_time'] * 1000:.0f} ms/step")
+  return text
+
+
+def restore_or_init(run, checkpoints, train_iter, workdir: str):
+  """(state, start step): the latest checkpoint with its data position, else `run.init()`."""
+  start = checkpoints.latest_step()
+  if start is None:
+    return run.init(), 0
+  state, data_state = checkpoints.restore(start, run.abstract_state)
+  if data_state:
+    train_iter.set_state(data_state)
+  log(f"Resuming from step {start} in {workdir}.")
+  return state, start
+
+
+def check_finite(step: int, metrics, checkpoints) -> None:
+  """Stops a diverged run before anything after the divergence is saved."""
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+    checkpoints.wait()
+    raise TrainingError(
+        f"Loss became {loss} at step {step}: training diverged. Nothing after it was saved; the "
+        f"last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}. "
+        "Lower optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun.")
+
+
+def log_start(run) -> None:
+  c, devices = run.model.cfg, run.mesh.devices.flatten()
+  tokens_per_step = run.cfg.train.batch_size * run.cfg.data.seq_len
+  log(f"Model: {run.num_params / 1e6:.2f}M params ({c.style}, {c.num_layers} layers, d_model "
+      f"{c.d_model}); mesh {dict(run.mesh.shape)} on {len(devices)} {devices[0].platform} "
+      f"device(s); {tokens_per_step} tokens/step.")
+
+
+def run_loop(run, workdir: str, train_step, train_iter, evaluate: Callable | None = None, *,
+             progress: bool = True, stop_at_step: int | None = None,
+             checkpoint_dir: str | None = None, format_eval: Callable | None = None) -> dict:
+  """Trains `run` from its latest checkpoint in `checkpoint_dir` (default WORKDIR/checkpoints)
+  up to train.steps on `train_iter`'s batches, writing metrics to `workdir`, calling
+  `evaluate(params) -> dict` every train.eval_every steps and at the end. Returns the last train
+  and val metrics, the final state and why it stopped early (None if it did not)."""
+  cfg = run.cfg
+  checkpoint_dir = checkpoint_dir or workdir_lib.checkpoint_dir(workdir)
+  checkpoints = ckpt_lib.Checkpointer(checkpoint_dir, cfg.train.keep_checkpoints)
+  report = None
+  try:
+    state, start = restore_or_init(run, checkpoints, train_iter, workdir)
+    if jax.process_index() == 0:
+      workdir_lib.write_config(cfg, workdir)
+    log_start(run)
+    report = Progress(run, workdir, start, progress)
+    state, last = _steps(run, state, start, train_step, train_iter, evaluate, checkpoints,
+                         report, stop_at_step, format_eval)
+  finally:
+    checkpoints.close()  # waits for async saves to finish
+    if report is not None:
+      report.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+  final_step = int(jax.device_get(state.step))
+  if last["stopped_by"]:
+    log(f"Stopped by {last['stopped_by']} at step {final_step}; checkpoint saved. Rerun the same "
+        "command to resume.")
+  elif start >= cfg.train.steps:
+    log(f"{workdir} already finished {start} of {cfg.train.steps} steps; raise "
+        "--config.train.steps to train further.")
+  return {"step": final_step, **last, "sample": None, "state": state, "run": run}
+
+
+def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, report,
+           stop_at_step, format_eval):
+  """The step loop itself; returns (state, {train, val, stopped_by})."""
+  t = run.cfg.train
+  last = {"train": {}, "val": {}, "stopped_by": None}
+  pending = None  # (step, metrics) of the previous step, checked one step late to keep async
+
+  def next_batch():  # (the batch placed on the devices, the data position after it)
+    batch = sharding_lib.put_batch(next(train_iter), run.batch_shardings)
+    return batch, train_iter.get_state()
+
+  with StopRequest() as stop, run.context():
+    upcoming = next_batch() if start < t.steps else None
+    for step in range(start, t.steps):
+      (batch, data_state), upcoming = upcoming, None
+      state, metrics = train_step(state, batch)
+      done = step + 1
+      if done < t.steps:  # the next batch loads and transfers while this step computes
+        upcoming = next_batch()
+      if pending is not None:
+        check_finite(*pending, checkpoints)
+      pending = (done, metrics)
+      report.stepped(metrics)
+      if done % t.log_every == 0 or done == t.steps:
+        metrics = jax.device_get(metrics)
+        check_finite(done, metrics, checkpoints)
+        last["train"] = report.train_record(done, metrics)
+      if report.bar is not None:
+        report.bar.update(1)
+      if evaluate and (done % t.eval_every == 0 or done == t.steps):
+        last["val"] = evaluate(state.params)
+        report.writer.write(done, "val", **last["val"])
+        report.say((format_eval or format_result)(done, last["val"]))
+        report.restart_clock()
+      if stop_at_step is not None and done >= stop_at_step and not stop.requested:
+        stop.requested = f"stop_at_step={stop_at_step}"
+      if distributed.any_process(stop.requested is not None) and not stop.requested:
+        stop.requested = "another host's stop request"  # every host saves at the same step
+      if done % t.checkpoint_every == 0 or done == t.steps or stop.requested:
+        check_finite(*pending, checkpoints)
+        checkpoints.save(done, state, data_state, force=True)  # position after `batch`
+        report.restart_clock()
+      if stop.requested:
+        last["stopped_by"] = stop.requested
+        break
+    if pending is not None:
+      check_finite(*pending, checkpoints)
+  return state, last
+

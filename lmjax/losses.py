@@ -1,0 +1,234 @@
+"""Objectives as losses: next-token (causal LM), masked LM, SFT and sequence classification.
+
+Every loss has one signature,
+
+    loss(forward, params, batch, rng, deterministic) -> (loss sum, sums)
+
+`forward` runs the model on `params` (a `Forward`), `batch` is a dict of arrays (the fields its
+objective's `batch_fields` name), `rng` feeds dropout. The loss is a sum over what it scores, and
+`sums` holds "tokens" (how many were scored: the denominator) and any other sums to report per
+scored item (correct predictions). The train step divides by "tokens" only after summing over
+micro-batches, so an accumulated step equals the large batch's exactly.
+
+An `Objective` is a loss with what the step and evaluation need around it; `objective(name, ...)`
+makes one by name (`train.objective` or `finetune.task`), with the facts it needs (the mask token,
+the number of classes) as arguments. A new objective is a loss function, an entry in OBJECTIVES and
+its name in config.CHOICES.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lmjax import lora as lora_lib
+from lmjax import masking as masking_lib
+from lmjax.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """The model as losses call it. `params` is a run's params: the model's tree, or, when the run
+  has parts besides the model, {"model": tree, "lora": adapters, "head": classifier}."""
+  model: Transformer
+  lora_scale: float = 0.0
+
+  def __call__(self, params, inputs_BT, positions_BT=None, segments_BT=None, *, rng=None,
+               deterministic: bool = True, hidden: bool = False):
+    """Logits [B, T, V] (float32), or with hidden=True the final-norm states [B, T, D]."""
+    if "model" in params:
+      variables = {"params": params["model"]}
+      if "lora" in params:
+        variables["lora"] = lora_lib.variables(params["lora"], self.lora_scale)
+    else:
+      variables = {"params": params}
+    rngs = {"dropout": rng if rng is not None else jax.random.PRNGKey(0)}
+    return self.model.apply(variables, inputs_BT, positions_BT, segment_ids_BT=segments_BT,
+                            deterministic=deterministic, return_hidden=hidden, rngs=rngs)
+
+
+# --- the losses ---------------------------------------------------------------------------------
+
+def causal_lm_loss(forward, params, batch, rng, deterministic=False):
+  """Next-token cross-entropy over every position of {"tokens": [B, T + 1]} (inputs [:, :-1],
+  targets [:, 1:])."""
+  tokens_BT1 = batch["tokens"]
+  logits_BTV = forward(params, tokens_BT1[:, :-1], rng=rng, deterministic=deterministic)
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
+  return nll_BT.sum(), {"tokens": jnp.asarray(nll_BT.size, jnp.float32)}
+
+
+def masked_lm_loss(forward, params, batch, rng, deterministic=False):
+  """Cross-entropy at the selected positions of {inputs, targets, weights} (masking.py), and how
+  many of them the argmax predicts."""
+  logits_BTV = forward(params, batch["inputs"], rng=rng, deterministic=deterministic)
+  targets_BT, weights_BT = batch["targets"], batch["weights"]
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  correct_BT = (jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32)
+  return (nll_BT * weights_BT).sum(), {"tokens": weights_BT.sum(),
+                                       "masked_accuracy": (correct_BT * weights_BT).sum()}
+
+
+def sft_loss(forward, params, batch, rng, deterministic=False):
+  """Cross-entropy on the response tokens (weights 1) of packed rows {inputs, targets, weights,
+  positions, segments}: each example has its own positions and attends within its segment."""
+  logits_BTV = forward(params, batch["inputs"], batch["positions"], batch["segments"], rng=rng,
+                       deterministic=deterministic)
+  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  return (nll_BT * batch["weights"]).sum(), {"tokens": batch["weights"].sum()}
+
+
+def pool(hidden_BTD, segments_BT, pooling: str):
+  """[B, D]: the last token (the eos), the mean over tokens, or the first token."""
+  if pooling == "first":
+    return hidden_BTD[:, 0]
+  if pooling == "mean":
+    mask_BT = (segments_BT > 0).astype(hidden_BTD.dtype)
+    return (hidden_BTD * mask_BT[..., None]).sum(1) / jnp.maximum(mask_BT.sum(1), 1.0)[:, None]
+  last_B = jnp.maximum((segments_BT > 0).sum(1) - 1, 0)
+  return jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
+
+
+def class_logits(forward, params, batch, pooling: str, rng=None, deterministic=True):
+  """[B, C]: params["head"] on the pooled final hidden states of {inputs, positions, segments}."""
+  hidden_BTD = forward(params, batch["inputs"], batch["positions"], batch["segments"], rng=rng,
+                       deterministic=deterministic, hidden=True)
+  pooled_BD = pool(hidden_BTD, batch["segments"], pooling)
+  head = params["head"]
+  return pooled_BD @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
+
+
+def classification_loss(forward, params, batch, rng, deterministic=False, *, pooling="last"):
+  """Cross-entropy of the labels over the valid rows (eval batches are padded with invalid ones),
+  and how many the argmax gets right. "tokens" counts examples here."""
+  logits_BC = class_logits(forward, params, batch, pooling, rng, deterministic)
+  nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["labels"])
+  correct_B = (jnp.argmax(logits_BC, -1) == batch["labels"]).astype(jnp.float32)
+  valid_B = batch["valid"]
+  return (nll_B * valid_B).sum(), {"tokens": valid_B.sum(), "accuracy": (correct_B *
+                                                                          valid_B).sum()}
+
+
+def classification_eval_sums(forward, params, batch, *, pooling: str, num_classes: int) -> dict:
+  """The loss's sums and the confusion matrix [label, prediction] over the valid rows (macro-F1
+  from sums: the same whatever order or device the rows came in)."""
+  logits_BC = class_logits(forward, params, batch, pooling)
+  nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["labels"])
+  predicted_B = jnp.argmax(logits_BC, -1)
+  valid_B = batch["valid"]
+  labels_BC = jax.nn.one_hot(batch["labels"], num_classes) * valid_B[:, None]
+  return {"loss": (nll_B * valid_B).sum(), "tokens": valid_B.sum(),
+          "accuracy": ((predicted_B == batch["labels"]) * valid_B).sum(),
+          "confusion": labels_BC.T @ jax.nn.one_hot(predicted_B, num_classes)}
+
+
+# --- what evaluation reports --------------------------------------------------------------------
+
+def token_metrics(sums: dict) -> dict:
+  """Mean loss per scored token, its perplexity, the count, and every other sum per token."""
+  count = max(sums["tokens"], 1.0)
+  loss = sums["loss"] / count
+  result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(sums["tokens"])}
+  result.update({k: v / count for k, v in sums.items() if k not in ("loss", "tokens")})
+  return result
+
+
+def macro_f1_from_confusion(confusion_CC) -> float:
+  """Mean over the classes that occur (as label or prediction) of 2TP / (2TP + FP + FN)."""
+  confusion_CC = np.asarray(confusion_CC, np.float64)
+  tp = np.diag(confusion_CC)
+  fp, fn = confusion_CC.sum(0) - tp, confusion_CC.sum(1) - tp
+  occurs = (confusion_CC.sum(0) + confusion_CC.sum(1)) > 0
+  scores = 2 * tp[occurs] / (2 * tp[occurs] + fp[occurs] + fn[occurs])
+  return float(np.mean(scores)) if len(scores) else 0.0
+
+
+def macro_f1(labels, predictions) -> float:
+  classes = int(max(np.max(labels, initial=0), np.max(predictions, initial=0))) + 1
+  confusion = np.zeros((classes, classes))
+  np.add.at(confusion, (np.asarray(labels), np.asarray(predictions)), 1)
+  return macro_f1_from_confusion(confusion)
+
+
+def classification_metrics(sums: dict) -> dict:
+  count = max(sums["tokens"], 1.0)
+  return {"loss": sums["loss"] / count, "accuracy": sums["accuracy"] / count,
+          "macro_f1": macro_f1_from_confusion(sums["confusion"]), "examples": int(sums["tokens"])}
+
+
+# --- objectives ---------------------------------------------------------------------------------
+
+def _keep(rng, batch):
+  del rng
+  return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  name: str
+  loss: Callable  # (forward, params, batch, rng, deterministic) -> (loss sum, sums)
+  batch_fields: dict  # the batch's arrays: name -> number of dimensions (rows first)
+  # (rng, batch) -> batch: applied by the train step to the whole global batch, before it is
+  # split into micro-batches (masked LM draws its masks here)
+  prepare: Callable = _keep
+  prepare_eval: Callable = lambda batch: batch  # batch -> batch, for evaluation (no step RNG)
+  eval_sums: Callable | None = None  # (forward, params, batch) -> sums; None: the loss's sums
+  summarize: Callable = token_metrics  # summed eval sums -> the reported numbers
+  num_classes: int = 0  # classes of a classification head (0: the run has no head)
+
+  def train_loss(self, forward: Forward) -> Callable:
+    """(params, batch, rng) -> (loss sum, sums): what the train step differentiates."""
+    return lambda params, batch, rng: self.loss(forward, params, batch, rng, deterministic=False)
+
+  def evaluate(self, forward: Forward, params, batch) -> dict:
+    """The sums of one evaluation batch: {"loss": sum, "tokens": count, ...}."""
+    batch = self.prepare_eval(batch)
+    if self.eval_sums is not None:
+      return self.eval_sums(forward, params, batch)
+    loss, sums = self.loss(forward, params, batch, None, deterministic=True)
+    return {"loss": loss, **sums}
+
+
+TOKENS = {"tokens": 2}
+SFT_ROWS = {"inputs": 2, "targets": 2, "weights": 2, "positions": 2, "segments": 2}
+CLASSIFICATION_ROWS = {"inputs": 2, "positions": 2, "segments": 2, "labels": 1, "valid": 1}
+
+
+def _causal_lm(**_) -> Objective:
+  return Objective("causal_lm", causal_lm_loss, TOKENS)
+
+
+def _masked_lm(masking: masking_lib.Masking, **_) -> Objective:
+  return Objective(
+      "masked_lm", masked_lm_loss, TOKENS,
+      prepare=lambda rng, batch: masking_lib.masked_batch(rng, batch, masking),
+      prepare_eval=lambda batch: masking_lib.masked_batch(
+          masking_lib.eval_rng(batch["tokens"]), batch, masking))
+
+
+def _sft(**_) -> Objective:
+  return Objective("sft", sft_loss, SFT_ROWS)
+
+
+def _classification(num_classes: int, pooling: str = "last", **_) -> Objective:
+  return Objective(
+      "classification", functools.partial(classification_loss, pooling=pooling),
+      CLASSIFICATION_ROWS, num_classes=num_classes, summarize=classification_metrics,
+      eval_sums=functools.partial(classification_eval_sums, pooling=pooling,
+                                  num_classes=num_classes))
+
+
+OBJECTIVES = {"causal_lm": _causal_lm, "masked_lm": _masked_lm, "sft": _sft,
+              "classification": _classification}
+
+
+def objective(name: str, **facts) -> Objective:
+  """The objective `name` (a train.objective or finetune.task value) with its facts: `masking`
+  (masked_lm), `num_classes` and `pooling` (classification)."""
+  return OBJECTIVES[name](**facts)

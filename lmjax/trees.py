@@ -1,0 +1,59 @@
+"""Param trees as flat {"a/b/c": leaf} dicts, and scanned layers (`layers/x`, a leading layer axis)
+as the unscanned `layer_{i}/x` that HF mappings and LoRA layouts name."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def flatten(tree, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}/"))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def unflatten(flat: dict) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
+
+
+def unstack_layers(flat: dict, num_layers: int) -> dict:
+  """`layers/x` with a leading layer axis -> `layer_{i}/x` (no-op for unscanned params)."""
+  out = {}
+  for path, value in flat.items():
+    if path.startswith("layers/"):
+      for i in range(num_layers):
+        out[f"layer_{i}/" + path[len("layers/"):]] = value[i]
+    else:
+      out[path] = value
+  return out
+
+
+def stack_layers(flat: dict, num_layers: int) -> dict:
+  """`layer_{i}/x` -> `layers/x` stacked on a leading layer axis."""
+  out = {p: v for p, v in flat.items() if not p.startswith("layer_")}
+  for path in (p for p in flat if p.startswith("layer_0/")):
+    rest = path[len("layer_0/"):]
+    out["layers/" + rest] = np.stack([flat[f"layer_{i}/{rest}"] for i in range(num_layers)])
+  return out
+
+
+def unscanned_shapes(abstract_params, num_layers: int) -> dict:
+  """{unscanned path: (shape, dtype)} of abstract params, scanned or not."""
+  shapes = {}
+  for path, x in flatten(abstract_params).items():
+    if path.startswith("layers/"):  # scanned: the leading axis is the layer
+      for i in range(num_layers):
+        shapes[f"layer_{i}/" + path[len("layers/"):]] = (tuple(x.shape[1:]), x.dtype)
+    else:
+      shapes[path] = (tuple(x.shape), x.dtype)
+  return shapes

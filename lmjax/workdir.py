@@ -1,0 +1,160 @@
+"""A run directory's layout, the one place that knows every path in it, and whether a config may use
+a workdir (the one compatibility check).
+
+  WORKDIR/
+    config.json                  the resolved config; its presence marks a run
+    checkpoints/STEP/            Orbax: params, optimizer state, step, RNG and the data position
+                                 (for a fine-tuning: its final params as a plain run)
+    finetune/checkpoints/STEP/   a fine-tuning's own state: base, adapters, head, optimizer, data
+    data/                        prepared data (data.prepared_dir; on a local disk for gs://
+                                 workdirs): tokenizer.model, index.json, token shards
+    metrics.jsonl, events.*      metrics (JSON lines) and TensorBoard events
+    classifier.npz               a classification fine-tuning's head, labels and pooling
+    result.json                  a sweep point's final numbers
+  SWEEP/                         a sweep directory: sweep.json, results.jsonl, fit.json, plots/,
+                                 and a run directory per point
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from etils import epath
+
+from lmjax import config as config_lib
+from lmjax.errors import ConfigError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CLASSIFIER = "classifier.npz"
+RESULT = "result.json"
+SWEEP_PLAN = "sweep.json"
+SWEEP_RESULTS = "results.jsonl"
+FIT = "fit.json"
+PLOTS = "plots"
+TOKENIZER = "tokenizer.model"
+FINETUNE_STATE = "finetune"
+
+
+def absolute(path: str) -> str:
+  """An absolute local path, or a bucket URL (gs://...) as it is; "" stays ""."""
+  return path if not path or "://" in path else os.path.abspath(path)
+
+
+def join(workdir: str, *names: str) -> epath.Path:
+  return epath.Path(workdir).joinpath(*names)
+
+
+def config_path(workdir: str) -> epath.Path:
+  return join(workdir, CONFIG)
+
+
+def checkpoint_dir(workdir: str, finetune_state: bool = False) -> str:
+  """WORKDIR/checkpoints, or the fine-tuning's own state WORKDIR/finetune/checkpoints."""
+  parts = (FINETUNE_STATE, "checkpoints") if finetune_state else ("checkpoints",)
+  return os.path.join(absolute(workdir), *parts)
+
+
+def metrics_path(workdir: str) -> epath.Path:
+  return join(workdir, METRICS)
+
+
+def classifier_path(workdir: str) -> epath.Path:
+  return join(workdir, CLASSIFIER)
+
+
+def result_path(workdir: str) -> epath.Path:
+  return join(workdir, RESULT)
+
+
+def sweep_plan_path(sweep_dir: str) -> epath.Path:
+  return join(sweep_dir, SWEEP_PLAN)
+
+
+def sweep_results_path(sweep_dir: str) -> epath.Path:
+  return join(sweep_dir, SWEEP_RESULTS)
+
+
+def fit_path(sweep_dir: str) -> epath.Path:
+  return join(sweep_dir, FIT)
+
+
+def plots_dir(sweep_dir: str) -> str:
+  return os.path.join(sweep_dir, PLOTS)
+
+
+def prepared_dir(cfg, workdir: str) -> str:
+  """data.prepared_dir, else WORKDIR/data; for a workdir in a bucket a local cache directory
+  (memmaps need a local disk: each host keeps its own copy of the shards)."""
+  if cfg.data.prepared_dir:
+    return cfg.data.prepared_dir
+  if "://" in workdir:
+    return os.path.join(os.path.expanduser("~/.cache/lmjax/data"), workdir.split("://", 1)[1])
+  return os.path.join(workdir, "data")
+
+
+def tokenizer_path(cfg, workdir: str) -> str:
+  """data.tokenizer, else the tokenizer prepared for the run (which may not exist yet)."""
+  return cfg.data.tokenizer or os.path.join(prepared_dir(cfg, workdir), TOKENIZER)
+
+
+def has_run(workdir: str) -> bool:
+  return config_path(workdir).exists()
+
+
+def has_checkpoint(workdir: str, finetune_state: bool = False) -> bool:
+  """Whether a finished checkpoint exists (a directory named by its step), read without Orbax."""
+  directory = epath.Path(checkpoint_dir(workdir, finetune_state))
+  return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+# --- the saved config ---------------------------------------------------------------------------
+
+def read_config(workdir: str) -> config_lib.ConfigDict:
+  """WORKDIR/config.json as saved, with the keys newer than the run at their defaults."""
+  path = config_path(workdir)
+  if not path.exists():
+    raise ConfigError(f"No run in '{workdir}': {path} is missing. Pass the --workdir of a "
+                      "`lmjax train` run.")
+  return config_lib.complete(config_lib.from_json(path.read_text()))
+
+
+def load_config(workdir: str, overrides: Sequence[str] = ()) -> config_lib.ConfigDict:
+  """The config a run was made with, plus `a.b=v` overrides, resolved. How processes find each
+  other (distributed.*) belongs to the launch, not to the run: it is never reused."""
+  saved = read_config(workdir)
+  saved.distributed = config_lib.default_config().distributed
+  return config_lib.finalize(config_lib.apply_overrides(saved, overrides))
+
+
+def write_config(cfg, workdir: str) -> None:
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  config_path(workdir).write_text(config_lib.to_json(cfg))
+
+
+def check_compatible(cfg, workdir: str, *, every_key: bool = False, hint: str = "") -> None:
+  """Refuses, before anything is written, a workdir that holds another run than `cfg` would make:
+  another model, objective or fine-tuning (config.identity), or with `every_key` any other
+  setting but the launch's (distributed.*). Keys the saved run predates are not compared."""
+  if not has_run(workdir):
+    return
+  saved = config_lib.from_json(config_path(workdir).read_text())
+  was, now = config_lib.flat_items(saved), config_lib.flat_items(cfg)
+  if every_key:
+    keys = [k for k in was if not k.startswith("distributed.")]
+  else:
+    keys = set(config_lib.identity(config_lib.complete(saved))) | set(config_lib.identity(cfg))
+  diffs = [f"{k}: {was[k]!r} there, {now.get(k)!r} now" for k in sorted(keys)
+           if k in was and was[k] != now.get(k)]
+  if diffs:
+    raise ConfigError(
+        f"'{workdir}' holds another run, made with other settings:\n  " +
+        "\n  ".join(diffs[:8]) + ("\n  ..." if len(diffs) > 8 else "") + "\n" +
+        (hint or f"Use a new --workdir for this run, or match the config to the saved one "
+                 f"({config_path(workdir)}).") + " Nothing was changed.")
+
+
+def require_new(workdir: str) -> None:
+  """Refuses a workdir that already holds a run (an import must not mix with one)."""
+  if has_run(workdir) or has_checkpoint(workdir):
+    raise ConfigError(f"'{workdir}' already holds an lmjax run; import into a new --workdir.")
