@@ -20,12 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def child(config: str, layers: int, scan: bool, overrides) -> float:
   code = (
       "import json, sys\n"
-      "from lmjax import bench, config as config_lib, train as train_lib\n"
+      "from lmjax import bench, builder, config as config_lib\n"
       f"cfg = config_lib.get_config({config!r}, {list(overrides)!r} + "
       f"['model.num_layers={layers}', 'model.scan_layers={scan}'])\n"
-      "setup = train_lib.build(cfg)\n"
-      "_, seconds = bench.compile_train_step(setup, bench.synthetic_batch(setup))\n"
-      "print(json.dumps({'seconds': seconds, 'params': setup.num_params}))\n")
+      "run = builder.build(cfg, builder.pretraining_objective(cfg))\n"
+      "_, seconds = bench.compile_train_step(run, bench.synthetic_batch(run))\n"
+      "print(json.dumps({'seconds': seconds, 'params': run.num_params}))\n")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")),
                        check=False)

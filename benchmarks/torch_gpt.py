@@ -2,8 +2,8 @@
 
 Same architecture as `lmjax.model.Transformer` with style="gpt2": learned positions, pre-LayerNorm
 blocks, tanh-GELU MLP, biases everywhere, tied input/output embeddings, causal attention through
-`F.scaled_dot_product_attention`. Same training math as `lmjax.train.train_step`: mean next-token
-cross-entropy, global-norm clipping at 1.0, AdamW (b2 0.95, weight decay 0.1 on matrices and
+`F.scaled_dot_product_attention`. Same training math as lmjax's train step (`lmjax.step`): mean
+next-token cross-entropy, global-norm clipping at 1.0, AdamW (b2 0.95, weight decay 0.1 on matrices and
 embeddings, none on norms and biases), warmup + cosine schedule, float32 throughout. Same
 parameter count for the same shape (tested in tests/test_bench.py).
 

@@ -57,6 +57,12 @@ class FromParams:
   params: Any
 
 
+@contextlib.contextmanager
+def mesh_context(mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """Everything built from a config that the loop, eval, bench, generate and export share."""
@@ -74,11 +80,9 @@ class Run:
   init_state: Callable  # pure: (base model params or None for random) -> TrainState at step 0
   init: Callable[[], TrainState]  # the state at step 0 from the run's init source, on the mesh
 
-  @contextlib.contextmanager
   def context(self):
     """Mesh and logical rules for tracing (activation sharding constraints)."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
+    return mesh_context(self.mesh, self.rules)
 
   @property
   def num_params(self) -> int:
@@ -179,21 +183,22 @@ def build(cfg, objective: Objective, init=FromSeed(), devices=None) -> Run:
   sharding_lib.check_batch_divisible(cfg.train.batch_size, cfg.optim.accumulation_steps, mesh,
                                      rules)
   batch_shardings = sharding_lib.batch_shardings(mesh, rules, objective.batch_fields)
-  base_shardings = param_shardings["model"] if nested else param_shardings
-  run = Run(cfg, objective, mesh, rules, model,
-            Forward(model, lora_lib.scale(cfg.finetune.lora_rank, cfg.finetune.lora_alpha)),
-            optimizer, schedule, ckpt_lib.abstract_with_shardings(abstract, state_shardings),
-            state_shardings, batch_shardings, init_state, init=lambda: None)
-  abstract_base = ckpt_lib.abstract_with_shardings(base, base_shardings)
-  return dataclasses.replace(run, init=_initializer(run, init, abstract_base))
+  abstract_base = ckpt_lib.abstract_with_shardings(
+      base, param_shardings["model"] if nested else param_shardings)
+  forward = Forward(model, lora_lib.scale(cfg.finetune.lora_rank, cfg.finetune.lora_alpha))
+  return Run(cfg, objective, mesh, rules, model, forward, optimizer, schedule,
+             ckpt_lib.abstract_with_shardings(abstract, state_shardings), state_shardings,
+             batch_shardings, init_state,
+             _initializer(init, init_state, state_shardings, abstract_base, mesh, rules))
 
 
-def _initializer(run: Run, init, abstract_base) -> Callable[[], TrainState]:
-  jitted = jax.jit(run.init_state, out_shardings=run.state_shardings)
+def _initializer(init, init_state, state_shardings, abstract_base, mesh, rules):
+  """() -> the step-0 state from the init source, placed on the mesh."""
+  jitted = jax.jit(init_state, out_shardings=state_shardings)
 
-  def from_source():
+  def from_source() -> TrainState:
     if isinstance(init, FromSeed):
-      with run.context():
+      with mesh_context(mesh, rules):
         return jitted()
     if isinstance(init, FromRun):
       with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(init.workdir),
@@ -203,7 +208,7 @@ def _initializer(run: Run, init, abstract_base) -> Callable[[], TrainState]:
       base = jax.tree_util.tree_map(
           lambda x, s: x if isinstance(x, jax.Array) else jax.make_array_from_callback(
               x.shape, s.sharding, lambda idx: x[idx]), init.params, abstract_base)
-    with run.context():
+    with mesh_context(mesh, rules):
       return jitted(base)
 
   return from_source

@@ -44,6 +44,12 @@ def _shapes(tree) -> dict[str, tuple]:
           if hasattr(leaf, "shape")}
 
 
+def _brief(e: Exception, limit: int = 240) -> str:
+  """An exception as one short line (Orbax's and TensorStore's run over several)."""
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def mismatches(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
   """How two {path: shape} maps differ, a line each (at most `limit`)."""
   lines = [f"{p}: {saved[p]} in the checkpoint, {wanted[p]} here" for p in wanted
@@ -97,8 +103,8 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - any failure to read it means the same to the user
       raise CheckpointError(
           f"The checkpoint at step {step} in {self.directory} has unreadable metadata "
-          f"({type(e).__name__}: {str(e)[:200]}): it is damaged or incomplete. Delete that step's "
-          "directory to use an earlier one.") from e
+          f"({_brief(e)}): it is damaged or incomplete. Delete that step's directory to use an "
+          "earlier one.") from e
     diffs = mismatches(_shapes(saved), _shapes(abstract))
     if diffs:
       raise CheckpointError(
@@ -108,9 +114,8 @@ class Checkpointer:
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
     return CheckpointError(
-        f"The checkpoint at step {step} in {self.directory} cannot be read ({type(e).__name__}: "
-        f"{str(e)[:300]}): its files are damaged or incomplete. Delete that step's directory to "
-        "use an earlier one.")
+        f"The checkpoint at step {step} in {self.directory} cannot be read ({_brief(e)}): its "
+        "files are damaged or incomplete. Delete that step's directory to use an earlier one.")
 
   def restore(self, step: int | None, abstract_state):
     """(state, data position) onto the shardings in `abstract_state` (ShapeDtypeStructs with

@@ -186,8 +186,8 @@ def _check_objective(cfg: ConfigDict) -> None:
   t, m = cfg.train, cfg.model
   if (t.objective == "masked_lm") == m.causal:
     raise ConfigError(
-        f"train.objective={t.objective} needs model.causal={t.objective == 'causal_lm'} ("
-        "masked_lm trains a bidirectional encoder; causal_lm a decoder, which must not see the "
+        f"train.objective={t.objective} needs model.causal={t.objective != 'masked_lm'} ("
+        "masked_lm trains a bidirectional encoder; the others a decoder, which must not see the "
         "tokens it predicts). Set both.")
   if t.objective != "masked_lm":
     return

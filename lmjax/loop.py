@@ -161,18 +161,18 @@ def run_loop(run, workdir: str, train_step, train_iter, evaluate: Callable | Non
   and val metrics, the final state and why it stopped early (None if it did not)."""
   cfg = run.cfg
   checkpoint_dir = checkpoint_dir or workdir_lib.checkpoint_dir(workdir)
-  checkpoints = ckpt_lib.Checkpointer(checkpoint_dir, cfg.train.keep_checkpoints)
   report = None
   try:
-    state, start = restore_or_init(run, checkpoints, train_iter, workdir)
-    if jax.process_index() == 0:
-      workdir_lib.write_config(cfg, workdir)
-    log_start(run)
-    report = Progress(run, workdir, start, progress)
-    state, last = _steps(run, state, start, train_step, train_iter, evaluate, checkpoints,
-                         report, stop_at_step, format_eval)
+    # the checkpoints close (waiting for async saves) when the block ends, however it ends
+    with ckpt_lib.open_checkpoints(checkpoint_dir, cfg.train.keep_checkpoints) as checkpoints:
+      state, start = restore_or_init(run, checkpoints, train_iter, workdir)
+      if jax.process_index() == 0:
+        workdir_lib.write_config(cfg, workdir)
+      log_start(run)
+      report = Progress(run, workdir, start, progress)
+      state, last = _steps(run, state, start, train_step, train_iter, evaluate, checkpoints,
+                           report, stop_at_step, format_eval)
   finally:
-    checkpoints.close()  # waits for async saves to finish
     if report is not None:
       report.close()
     if hasattr(train_iter, "close"):

@@ -77,3 +77,23 @@ def test_clear_errors(tmp_path, trained):
   workdir, _ = trained
   proc = run_cli("generate", f"--workdir={workdir}", "--prompt=x", "--max_new_tokens=1000")
   assert proc.returncode == 2 and "max_len" in proc.stderr
+
+
+def test_user_errors_are_one_line_and_bugs_show_their_traceback(tmp_path):
+  """An LmjaxError (config, data, checkpoint, conversion) is one message and exit status 2;
+  anything else is not folded into a message: it shows its traceback."""
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+  proc = run_cli("eval", f"--workdir={tmp_path}", "--step=3")  # no run there: a config error
+  assert proc.returncode == 2 and proc.stderr.startswith("lmjax: error: No run in")
+  bug = ("import sys; from lmjax import commands, train\n"
+         "def broken(*a, **k): raise ZeroDivisionError('a bug')\n"
+         "train.train = broken\n"
+         "commands.main(['train', '--config=configs/quickstart.py', "
+         f"'--workdir={tmp_path / 'run'}', '--config.data.source=synthetic'])\n")
+  proc = subprocess.run([sys.executable, "-c", bug], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError: a bug" in \
+      proc.stderr and "lmjax: error" not in proc.stderr

@@ -65,3 +65,40 @@ def test_json_round_trip():
   cfg = tiny_config("mesh.fsdp=2")
   again = config_lib.from_json(config_lib.to_json(cfg))
   assert again.to_dict() == cfg.to_dict()
+
+
+def test_choices_are_written_once_and_used_everywhere():
+  """Each enumerated key's allowed values live in config.CHOICES: validation names them, `lmjax
+  config --keys` prints them, and the README's table is generated from them."""
+  for key, allowed in config_lib.CHOICES.items():
+    with pytest.raises(ConfigError, match=f"{key} must be {'[|]'.join(allowed)}, got 'bogus'"):
+      config_lib.get_config(None, [f"{key}=bogus"])
+  with open(os.path.join(ROOT, "README.md")) as f:
+    assert config_lib.choices_table() in f.read()
+  proc = run_cli("config", "--keys")
+  assert proc.returncode == 0, proc.stderr
+  assert "model.remat = 'none'  (none | full | dots | dots_no_batch)" in proc.stdout
+  assert "train.steps = 1000\n" in proc.stdout
+
+
+def test_model_config_is_the_schemas_model_section():
+  import dataclasses
+
+  from lmjax.model import ModelConfig
+  schema = config_lib.default_config().model
+  assert sorted(f.name for f in dataclasses.fields(ModelConfig)) == sorted(schema.keys())
+  made = ModelConfig.create()  # the schema's defaults, with derived values filled
+  assert made == ModelConfig.from_config(config_lib.get_config(None))
+  assert (made.num_kv_heads, made.head_dim) == (schema.num_heads, schema.d_model // schema.num_heads)
+
+
+def test_identity_covers_the_model_the_objective_and_a_fine_tuning():
+  cfg = tiny_config()
+  keys = config_lib.identity(cfg)
+  assert {"model.causal", "model.d_model", "model.parametrization", "train.objective"} <= set(keys)
+  assert not set(keys) & {f"model.{k}" for k in config_lib.RUNTIME_MODEL_KEYS}
+  assert not any(k.startswith(("train.mask", "finetune.")) for k in keys)  # causal, no init
+  mlm = config_lib.identity(tiny_config("model.causal=false", "train.objective=masked_lm"))
+  assert mlm["train.mask_prob"] == 0.15
+  finetune = config_lib.identity(tiny_config("finetune.init=/runs/base"))
+  assert finetune["finetune.init"] == "/runs/base" and "finetune.lora_rank" in finetune

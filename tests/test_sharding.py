@@ -164,3 +164,32 @@ def test_each_device_holds_its_fraction(axis):
     assert all(params[k] == 1 / 8 for k in matrices), params
     moments = [k for k in opt if "kernel" in k or "embed" in k]
     assert len(moments) == 2 * len(matrices) and all(opt[k] == 1 / 8 for k in moments)
+
+
+README_RULES = """
+import json, re, sys
+sys.path.insert(0, TESTS)
+from conftest import ROOT, build, tiny_config
+from lmjax.errors import ConfigError
+readme = open(ROOT + "/README.md").read()
+rules = re.search(r'--config.mesh.rules="([^"]+)"', readme).group(1)
+out = {}
+for name, extra in [("readme", [f"mesh.rules={rules}"]),
+                    ("bare", ["mesh.rules=(('batch', 'data'), ('embed', 'fsdp'))"])]:
+  run = build(tiny_config("mesh.data=2", *extra))
+  out[name] = list(run.batch_shardings["tokens"].spec)
+try:
+  build(tiny_config("mesh.rules=(('batch', 'dta'),)"))
+except ConfigError as e:
+  out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_every_documented_rule_form_builds():
+  """The README's mesh.rules example (bare mesh-axis strings such as ('batch', 'data')) builds a
+  run whose batches split over that axis; a rule naming no mesh axis is a clear error."""
+  import os
+  out = run_python(README_RULES.replace("TESTS", repr(os.path.dirname(__file__))), 2)
+  assert out["readme"] == out["bare"] == ["data", None]
+  assert "maps 'batch' to 'dta'" in out["error"] and "data, fsdp, tensor" in out["error"]

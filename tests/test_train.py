@@ -155,3 +155,63 @@ def test_resume_on_text_data_sees_the_same_batches(tmp_path):
   a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
   assert sorted(a) == sorted(b) == list(range(1, 7))
   assert [a[s] for s in a] == pytest.approx([b[s] for s in a], rel=1e-6)
+
+
+def test_resume_check_covers_the_objective_and_causal(tmp_path):
+  """Resuming a causal LM as a masked LM (or under another fine-tuning) would train another run
+  on top of the first: refused, with nothing written."""
+  train_lib.train(tiny_config("train.steps=2"), str(tmp_path), progress=False)
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ConfigError, match="(?s)model.causal: True there, False now.*"
+                     "train.objective: 'causal_lm' there, 'masked_lm' now"):
+    train_lib.train(tiny_config("train.steps=4", "model.causal=false",
+                                "train.objective=masked_lm"), str(tmp_path))
+  with pytest.raises(ConfigError, match="finetune.init: '' there, '/elsewhere' now"):
+    train_lib.train(tiny_config("train.steps=4", "finetune.init=/elsewhere"), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == before and latest_step(tmp_path) == 2
+  # what only says how the model runs may change: dtype, dropout, remat, attention
+  result = train_lib.train(tiny_config("train.steps=3", "model.remat=full", "model.dropout=0.1"),
+                           str(tmp_path), progress=False)
+  assert result["step"] == 3
+
+
+def test_checkpoint_errors_say_what_is_wrong(tmp_path):
+  """A checkpoint of another shape names the params that differ; one whose files are damaged says
+  it cannot be read (not that it is another model); both are CheckpointErrors, one message."""
+  from lmjax import checkpoint as ckpt_lib
+  from lmjax import workdir as workdir_lib
+  from lmjax.errors import CheckpointError
+  from conftest import build
+  train_lib.train(tiny_config("train.steps=2", "train.checkpoint_every=2"), str(tmp_path),
+                  progress=False)
+  directory = workdir_lib.checkpoint_dir(str(tmp_path))
+  wider = build(tiny_config("model.mlp_dim=128"))
+  with ckpt_lib.open_checkpoints(directory, read_only=True) as checkpoints:
+    with pytest.raises(CheckpointError, match=r"(?s)holds another model.*"
+                       r"params/layer_0/mlp/up/kernel: \(32, 64\) in the checkpoint, \(32, 128\)"):
+      checkpoints.restore(2, wider.abstract_state)
+    with pytest.raises(CheckpointError, match="No checkpoint for step 7 .* available: \\[2\\]"):
+      checkpoints.restore_params(7, wider.abstract_state.params)
+  # damage every data file of the step: unreadable, and said so
+  run = build(tiny_config())
+  for path in glob.glob(os.path.join(directory, "2", "state", "**", "*"), recursive=True):
+    if os.path.isfile(path) and "ocdbt.process" in path:
+      with open(path, "r+b") as f:
+        f.truncate(8)
+  with ckpt_lib.open_checkpoints(directory, read_only=True) as checkpoints:
+    with pytest.raises(CheckpointError, match="step 2 .* cannot be read .* damaged or incomplete"):
+      checkpoints.restore(2, run.abstract_state)
+
+
+def test_commands_that_read_a_model_restore_only_its_params(tmp_path, monkeypatch):
+  from lmjax import checkpoint as ckpt_lib
+  from lmjax import evaluate as evaluate_lib
+  train_lib.train(tiny_config("train.steps=2"), str(tmp_path), progress=False)
+
+  def no_full_restore(*args, **kwargs):
+    raise AssertionError("the optimizer state was read")
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", no_full_restore)
+  step, result = evaluate_lib.evaluate_checkpoint(str(tmp_path))
+  assert step == 2 and np.isfinite(result["loss"])
+  _, _, params, _ = builder.load_params(str(tmp_path))
+  assert set(params) >= {"embed", "layer_0", "final_norm"}
