@@ -8,9 +8,9 @@ A run's state is initialized in this order (as in big_vision's train.py):
      RNG start fresh;
   3. from scratch: `FromSeed()`, random params from train.seed.
 
-The params are the model's tree, or, when the run adds parts to the model (LoRA adapters, a
-classification head), {"model": tree, "lora": ..., "head": ...}; with LoRA only the adapters and
-head train (`TrainState.trainable`).
+The params are the model's tree (pretraining), or for a fine-tuning {"model": tree, "lora": ...,
+"head": ...} (adapters and a classification head where it has them); with LoRA only the adapters
+and head train (`TrainState.trainable`).
 """
 from __future__ import annotations
 
@@ -122,12 +122,14 @@ def pretraining_objective(cfg, workdir: str | None = None) -> Objective:
 
 def _parts(cfg, objective: Objective, model: Transformer):
   """(abstract model params, logical specs of the whole params, LoRA layout, trainable keys,
-  whether the params nest the model's tree among other parts)."""
+  whether the params nest the model's tree: a fine-tuning's always do, {"model", "lora"?,
+  "head"?}; a pretraining run's are the model's tree itself)."""
   dummy_BT = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_BT)["params"])
   base, base_specs = nn.unbox(boxed), nn.get_partition_spec(boxed)
   f = cfg.finetune
-  rank = f.lora_rank if objective.name in config_lib.FINETUNE_TASKS else 0
+  nested = objective.name in config_lib.FINETUNE_TASKS
+  rank = f.lora_rank if nested else 0
   targets = tuple(t.strip() for t in f.lora_targets.split(",") if t.strip())
   layout = lora_lib.layout(base, base_specs, targets, rank) if rank else {}
   if rank and not layout:
@@ -139,9 +141,9 @@ def _parts(cfg, objective: Objective, model: Transformer):
                                 for x, i in (("a", 1), ("b", 3))})
   if objective.num_classes:
     extras["head"] = {"kernel": P("embed", None), "bias": P(None)}
-  specs = {"model": base_specs, **extras} if extras else base_specs
+  specs = {"model": base_specs, **extras} if nested else base_specs
   trainable = tuple(extras) if layout else None
-  return base, specs, layout, trainable, bool(extras)
+  return base, specs, layout, trainable, nested
 
 
 def _state_initializer(cfg, objective, model, optimizer, layout, trainable, nested: bool):
@@ -195,6 +197,8 @@ def build(cfg, objective: Objective, init=FromSeed(), devices=None) -> Run:
 def _initializer(init, init_state, state_shardings, abstract_base, mesh, rules):
   """() -> the step-0 state from the init source, placed on the mesh."""
   jitted = jax.jit(init_state, out_shardings=state_shardings)
+  # a given base is consumed: its buffers become the state's params, not a second copy
+  jitted_from_base = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=(0,))
 
   def from_source() -> TrainState:
     if isinstance(init, FromSeed):
@@ -209,7 +213,7 @@ def _initializer(init, init_state, state_shardings, abstract_base, mesh, rules):
           lambda x, s: x if isinstance(x, jax.Array) else jax.make_array_from_callback(
               x.shape, s.sharding, lambda idx: x[idx]), init.params, abstract_base)
     with mesh_context(mesh, rules):
-      return jitted(base)
+      return jitted_from_base(base)
 
   return from_source
 
@@ -221,6 +225,6 @@ def load_params(workdir: str, step: int | None = None, overrides=()):
   run = build(cfg, pretraining_objective(cfg, workdir))
   with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir),
                                  read_only=True) as checkpoints:
-    step = checkpoints.latest_step() if step is None else step
+    step = checkpoints.existing_step(step)
     params = checkpoints.restore_params(step, run.abstract_state.params)
   return cfg, run, params, step

@@ -86,12 +86,16 @@ class Checkpointer:
                               data=ocp.args.JsonSave(data_state or {}))
     return self.manager.save(step, args=args, force=force)
 
-  def _existing(self, step: int | None) -> int:
+  def existing_step(self, step: int | None) -> int:
+    """`step` (None: the latest), if there is a checkpoint for it."""
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f"No checkpoint in {self.directory}: train first, or check the "
+                            "--workdir.")
     step = self.latest_step() if step is None else step
-    if step is None or step not in self.manager.all_steps():
+    if step not in steps:
       raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; available: "
-                            f"{self.all_steps() or 'none'}. Train first, or check the --workdir "
-                            "and --step.")
+                            f"{steps}. Check --step.")
     return step
 
   def _check_matches(self, step: int, abstract, subtree: str | None = None) -> None:
@@ -120,7 +124,7 @@ class Checkpointer:
   def restore(self, step: int | None, abstract_state):
     """(state, data position) onto the shardings in `abstract_state` (ShapeDtypeStructs with
     .sharding)."""
-    step = self._existing(step)
+    step = self.existing_step(step)
     self._check_matches(step, abstract_state)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
@@ -133,7 +137,7 @@ class Checkpointer:
   def restore_params(self, step: int | None, abstract_params):
     """Only the params of a checkpoint (the optimizer state is not read), onto
     `abstract_params`' shardings: for commands that only read a model."""
-    step = self._existing(step)
+    step = self.existing_step(step)
     self._check_matches(step, abstract_params, subtree="params")
     restore_args = jax.tree_util.tree_map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),

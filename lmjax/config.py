@@ -15,7 +15,7 @@ import os
 from typing import Any, Sequence
 
 from lmjax.errors import ConfigError
-from lmjax.schema import (CHOICES, DTYPE_NAMES, FINETUNE_IDENTITY_KEYS, FINETUNE_TASKS,  # noqa: F401
+from lmjax.schema import (CHOICES, FINETUNE_IDENTITY_KEYS, FINETUNE_TASKS,  # noqa: F401
                           LORA_TARGETS, MASKED_LM_KEYS, RUNTIME_MODEL_KEYS, ConfigDict,
                           default_config)
 
@@ -121,9 +121,12 @@ def load_config_file(spec: str) -> ConfigDict:
   if not hasattr(module, "get_config"):
     raise ConfigError(f"Config file '{path}' has no get_config(arg) function.")
   try:
-    cfg = module.get_config(arg) if arg else module.get_config()
-  except TypeError:
-    cfg = module.get_config()
+    try:
+      cfg = module.get_config(arg) if arg else module.get_config()
+    except TypeError:
+      cfg = module.get_config()
+  except ValueError as e:  # what config files raise for an unknown variant
+    raise ConfigError(f"{spec}: {e}") from None
   if not isinstance(cfg, ConfigDict):
     raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict.")
   return cfg
@@ -220,6 +223,10 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
   for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
     if cfg.train[key] < 1:
       raise ConfigError(f"train.{key} must be at least 1, got {cfg.train[key]}.")
+  ids = cfg.distributed.local_device_ids
+  if ids and not all(part.strip().isdigit() for part in ids.split(",")):
+    raise ConfigError(f"distributed.local_device_ids must be comma-separated device numbers "
+                      f"(e.g. 0,1,2,3), got '{ids}'.")
   return cfg
 
 
@@ -240,11 +247,16 @@ def to_json(cfg: ConfigDict) -> str:
 
 
 def from_json(text: str) -> ConfigDict:
-  def fix(v):  # JSON turns tuples (mesh.rules) into lists
+  return from_dict(json.loads(text))
+
+
+def from_dict(saved: dict) -> ConfigDict:
+  """A config from its JSON form (where tuples, such as mesh.rules, became lists)."""
+  def fix(v):
     if isinstance(v, dict):
       return {k: fix(x) for k, x in v.items()}
     return tuple(fix(x) for x in v) if isinstance(v, list) else v
-  return ConfigDict(fix(json.loads(text)))
+  return ConfigDict(fix(saved))
 
 
 def identity(cfg) -> dict[str, Any]:

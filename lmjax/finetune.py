@@ -124,7 +124,7 @@ def _data_of(cfg, init_cfg, init: str) -> dict:
   data = init_cfg.data.to_dict()
   data.update(seq_len=cfg.data.seq_len, tokenizer=tokenizer, prepared_dir="")
   init_prepared = workdir_lib.prepared_dir(init_cfg, init)
-  if tokenizer == init_tokenizer and os.path.isfile(os.path.join(init_prepared, "index.json")):
+  if tokenizer == init_tokenizer and os.path.isfile(os.path.join(init_prepared, workdir_lib.INDEX)):
     data["prepared_dir"] = workdir_lib.absolute(init_prepared)  # read, never written: same data
   return data
 

@@ -198,11 +198,12 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
     batch = sharding_lib.put_batch(next(train_iter), run.batch_shardings)
     return batch, train_iter.get_state()
 
-  with StopRequest() as stop, run.context():
+  with StopRequest() as stop:
     upcoming = next_batch() if start < t.steps else None
     for step in range(start, t.steps):
       (batch, data_state), upcoming = upcoming, None
-      state, metrics = train_step(state, batch)
+      with run.context():  # the mesh for tracing; checkpoints save outside it (Orbax's copies)
+        state, metrics = train_step(state, batch)
       done = step + 1
       if done < t.steps:  # the next batch loads and transfers while this step computes
         upcoming = next_batch()

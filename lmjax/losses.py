@@ -13,7 +13,7 @@ micro-batches, so an accumulated step equals the large batch's exactly.
 An `Objective` is a loss with what the step and evaluation need around it; `objective(name, ...)`
 makes one by name (`train.objective` or `finetune.task`), with the facts it needs (the mask token,
 the number of classes) as arguments. A new objective is a loss function, an entry in OBJECTIVES and
-its name in config.CHOICES.
+its name in schema.CHOICES.
 """
 from __future__ import annotations
 
@@ -164,19 +164,14 @@ def classification_metrics(sums: dict) -> dict:
 
 # --- objectives ---------------------------------------------------------------------------------
 
-def _keep(rng, batch):
-  del rng
-  return batch
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
   name: str
   loss: Callable  # (forward, params, batch, rng, deterministic) -> (loss sum, sums)
   batch_fields: dict  # the batch's arrays: name -> number of dimensions (rows first)
   # (rng, batch) -> batch: applied by the train step to the whole global batch, before it is
-  # split into micro-batches (masked LM draws its masks here)
-  prepare: Callable = _keep
+  # split into micro-batches (masked LM draws its masks here); None: the batch as it comes
+  prepare: Callable | None = None
   prepare_eval: Callable = lambda batch: batch  # batch -> batch, for evaluation (no step RNG)
   eval_sums: Callable | None = None  # (forward, params, batch) -> sums; None: the loss's sums
   summarize: Callable = token_metrics  # summed eval sums -> the reported numbers

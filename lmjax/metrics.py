@@ -123,7 +123,7 @@ def read_metrics(workdir: str) -> list[dict]:
   path = workdir_lib.metrics_path(str(workdir))
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return workdir_lib.read_json(path, "the run's metrics", lines=True)
 
 
 def log(msg: str) -> None:

@@ -13,7 +13,6 @@ synthetic tokens, so it needs no data.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -137,9 +136,3 @@ def plot(result: dict, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
-
-
-def slope_summary(result: dict) -> dict:
-  """The largest |slope| of any activation per parametrization."""
-  return {p: max(abs(s) for s in result["slopes"][p].values()) for p in result.get("slopes", {})
-          if not math.isnan(max(abs(s) for s in result["slopes"][p].values()))}

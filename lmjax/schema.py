@@ -177,7 +177,8 @@ def _mesh() -> ConfigDict:
   return s
 
 
-SECTIONS = {"model": _model, "data": _data, "train": _train, "optim": _optim, "finetune": _finetune, "distributed": _distributed, "mesh": _mesh}
+SECTIONS = {"model": _model, "data": _data, "train": _train, "optim": _optim,
+            "finetune": _finetune, "distributed": _distributed, "mesh": _mesh}
 
 
 def default_config() -> ConfigDict:

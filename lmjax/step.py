@@ -1,4 +1,4 @@
-"""The train state and the pure train and eval steps.
+"""The train state and the pure train step.
 
 `train_step(state, batch) -> (state, metrics)` is the whole math of one optimizer step. It does
 not know the objective: it differentiates the loss it is given. What trains is static state
@@ -68,12 +68,11 @@ def make_train_step(loss_fn: Callable, optimizer, schedule, accumulation_steps: 
   batch) -> batch` transforms the whole global batch first (masked LM draws its masks there, so
   accumulation does not change them). Metrics: loss and every other sum per token, the gradient
   norm and the learning rate."""
-  prepare = prepare or (lambda rng, batch: batch)
-
   def train_step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
-    prepare_rng, step_rng = jax.random.split(step_rng)
-    batch = prepare(prepare_rng, batch)
+    if prepare is not None:  # its own key: the other objectives' dropout streams stay as they are
+      prepare_rng, step_rng = jax.random.split(step_rng)
+      batch = prepare(prepare_rng, batch)
     trained = state.trainable_params()
     loss_of = lambda p, b, r: loss_fn(state.with_trainable_params(p), b, r)
     grad_sum, sums = accumulate_gradients(loss_of, trained, batch, step_rng, accumulation_steps)

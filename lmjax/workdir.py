@@ -16,15 +16,18 @@ a workdir (the one compatibility check).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
 from etils import epath
 
 from lmjax import config as config_lib
-from lmjax.errors import ConfigError
+from lmjax.errors import ConfigError, DataError
 
 CONFIG = "config.json"
+DATA = "data"
+INDEX = "index.json"  # in the prepared data dir: its presence means the data is complete
 METRICS = "metrics.jsonl"
 CLASSIFIER = "classifier.npz"
 RESULT = "result.json"
@@ -90,7 +93,7 @@ def prepared_dir(cfg, workdir: str) -> str:
     return cfg.data.prepared_dir
   if "://" in workdir:
     return os.path.join(os.path.expanduser("~/.cache/lmjax/data"), workdir.split("://", 1)[1])
-  return os.path.join(workdir, "data")
+  return os.path.join(workdir, DATA)
 
 
 def tokenizer_path(cfg, workdir: str) -> str:
@@ -108,7 +111,24 @@ def has_checkpoint(workdir: str, finetune_state: bool = False) -> bool:
   return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+def read_json(path, what: str = "", lines: bool = False):
+  """A JSON file (or a JSON-lines file's records), or a DataError naming it if it is damaged."""
+  path = epath.Path(path)
+  try:
+    text = path.read_text()
+    if lines:
+      return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path}{f' ({what})' if what else ''} is not valid JSON ({e}): the file is "
+                    "damaged. Restore it, or delete it and redo what wrote it.") from None
+
+
 # --- the saved config ---------------------------------------------------------------------------
+
+def _saved(workdir: str) -> config_lib.ConfigDict:
+  return config_lib.from_dict(read_json(config_path(workdir), "the run's config"))
+
 
 def read_config(workdir: str) -> config_lib.ConfigDict:
   """WORKDIR/config.json as saved, with the keys newer than the run at their defaults."""
@@ -116,7 +136,7 @@ def read_config(workdir: str) -> config_lib.ConfigDict:
   if not path.exists():
     raise ConfigError(f"No run in '{workdir}': {path} is missing. Pass the --workdir of a "
                       "`lmjax train` run.")
-  return config_lib.complete(config_lib.from_json(path.read_text()))
+  return config_lib.complete(_saved(workdir))
 
 
 def load_config(workdir: str, overrides: Sequence[str] = ()) -> config_lib.ConfigDict:
@@ -138,8 +158,10 @@ def check_compatible(cfg, workdir: str, *, every_key: bool = False, hint: str = 
   setting but the launch's (distributed.*). Keys the saved run predates are not compared."""
   if not has_run(workdir):
     return
-  saved = config_lib.from_json(config_path(workdir).read_text())
-  was, now = config_lib.flat_items(saved), config_lib.flat_items(cfg)
+  saved = _saved(workdir)
+  # both sides as config.json holds them (tuples for lists)
+  was = config_lib.flat_items(saved)
+  now = config_lib.flat_items(config_lib.from_json(config_lib.to_json(cfg)))
   if every_key:
     keys = [k for k in was if not k.startswith("distributed.")]
   else:

@@ -97,3 +97,21 @@ def test_user_errors_are_one_line_and_bugs_show_their_traceback(tmp_path):
                         timeout=300)
   assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError: a bug" in \
       proc.stderr and "lmjax: error" not in proc.stderr
+
+
+def test_bad_files_and_flags_are_one_line_errors(tmp_path):
+  """An unknown variant, a damaged config.json, a malformed device list and a bad flag: each an
+  error of its own type, printed as one line before any work."""
+  cases = [
+      (("config", "--config=configs/gpt2.py:bogus"), "Unknown gpt2 variant"),
+      (("config", "--config.distributed.local_device_ids=0,a"), "local_device_ids"),
+      (("bench", "--config=configs/quickstart.py", "--steps=0"), "--steps must be at least 1"),
+  ]
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "config.json").write_text('{"model": {"d_model": 32,')
+  cases.append((("eval", f"--workdir={damaged}"), "is not valid JSON"))
+  for args, message in cases:
+    proc = run_cli(*args)
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and message in proc.stderr, (args, proc.stderr)

@@ -102,3 +102,15 @@ def test_identity_covers_the_model_the_objective_and_a_fine_tuning():
   assert mlm["train.mask_prob"] == 0.15
   finetune = config_lib.identity(tiny_config("finetune.init=/runs/base"))
   assert finetune["finetune.init"] == "/runs/base" and "finetune.lora_rank" in finetune
+
+
+def test_saved_config_compares_equal_to_itself(tmp_path):
+  """Tuples become lists in config.json: a config with list-valued rules still matches its own
+  saved copy, key by key (sweep points compare every key)."""
+  from lmjax import workdir as workdir_lib
+  cfg = tiny_config("mesh.rules=[['batch', 'data'], ['embed', 'fsdp']]")
+  workdir_lib.write_config(cfg, str(tmp_path))
+  workdir_lib.check_compatible(cfg, str(tmp_path), every_key=True)
+  workdir_lib.check_compatible(cfg, str(tmp_path))
+  with pytest.raises(ConfigError, match="mesh.rules"):
+    workdir_lib.check_compatible(tiny_config(), str(tmp_path), every_key=True)

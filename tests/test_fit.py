@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from lmjax.commands import fit as fit_command
+from lmjax import fit as fit_app
 from lmjax.errors import DataError, UsageError
 from lmjax.scaling import law as scaling
 from lmjax.scaling.lbfgs import lbfgs
@@ -125,5 +125,5 @@ def test_fit_errors(tmp_path, monkeypatch):
   monkeypatch.setattr(builtins, "__import__", no_matplotlib)
   (tmp_path / "results.jsonl").write_text("")
   with pytest.raises(UsageError, match=r"pip install -e \"\.\[plots\]\".*--no_plots"):
-    fit_command.fit(str(tmp_path))
+    fit_app.fit_sweep(str(tmp_path))
   assert not os.path.exists(tmp_path / "fit.json")  # nothing written

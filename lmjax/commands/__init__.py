@@ -3,7 +3,8 @@
 what it returns; the library under it never reads sys.argv or prints results.
 
 Every command that takes a config accepts `--config=FILE.py[:VARIANT]` and any number of
-`--config.a.b=VALUE` overrides (commands that read a trained run default to WORKDIR/config.json).
+`--config.a.b=VALUE` overrides; the commands that read a trained run (eval, generate) use its
+WORKDIR/config.json, with the overrides on top.
 """
 from __future__ import annotations
 

@@ -52,10 +52,7 @@ def fingerprint(cfg, tokenizer_path: str) -> dict:
 
 
 def _read_json(path: str) -> dict | None:
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return workdir_lib.read_json(path) if os.path.isfile(path) else None
 
 
 def _write_json(path: str, value: dict) -> None:
@@ -65,7 +62,7 @@ def _write_json(path: str, value: dict) -> None:
 
 
 def index_path(cfg, workdir: str) -> str:
-  return os.path.join(workdir_lib.prepared_dir(cfg, workdir), "index.json")
+  return os.path.join(workdir_lib.prepared_dir(cfg, workdir), workdir_lib.INDEX)
 
 
 def is_prepared(cfg, workdir: str) -> bool:
@@ -243,7 +240,7 @@ def prepare(cfg, workdir: str) -> dict:
   check_vocab(cfg, processor)
   eos_id = _eos_id(processor)
   expected = fingerprint(cfg, tokenizer_path)
-  index = _read_json(os.path.join(out_dir, "index.json"))
+  index = _read_json(os.path.join(out_dir, workdir_lib.INDEX))
   if index is not None:
     _check_same_data(index, expected, out_dir)
     return index  # already prepared
@@ -280,7 +277,7 @@ def prepare(cfg, workdir: str) -> dict:
            "vocab_size": vocab_size, "eos_id": eos_id,
            "dtype": dtype,
            "shard_tokens": shard_tokens, "splits": splits}
-  _write_json(os.path.join(out_dir, "index.json"), index)  # last: the data is now complete
+  _write_json(os.path.join(out_dir, workdir_lib.INDEX), index)  # last: the data is now complete
   _remove_stale_shards(out_dir, {s["file"] for split in splits.values() for s in split["shards"]})
   if os.path.exists(os.path.join(out_dir, "progress.json")):
     os.remove(os.path.join(out_dir, "progress.json"))

@@ -35,7 +35,9 @@ def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()
   tensor_files = files.tensor_files(hf_dir)
   sp_model = os.path.join(hf_dir, workdir_lib.TOKENIZER)  # SentencePiece (Llama, Mistral)
   has_tokenizer = os.path.isfile(sp_model)
-  tokenizer_path = os.path.abspath(os.path.join(workdir, "data", workdir_lib.TOKENIZER))
+  # the prepared-data dir of the run: its tokenizer, as a run trained on text keeps it
+  tokenizer_path = workdir_lib.absolute(os.path.join(workdir, workdir_lib.DATA,
+                                                     workdir_lib.TOKENIZER))
   cfg = configs.lmjax_config(hf, config_overrides, tokenizer_path if has_tokenizer else "")
   workdir_lib.require_new(workdir)
   if has_tokenizer:

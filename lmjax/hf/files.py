@@ -13,13 +13,23 @@ from lmjax.errors import ConversionError
 from lmjax.hf.mapping import Rule
 
 
+def _json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f"{path} is not valid JSON ({e}).") from None
+  if not isinstance(value, dict):
+    raise ConversionError(f"{path} holds a JSON {type(value).__name__}, not an object.")
+  return value
+
+
 def read_hf_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"'{hf_dir}' has no config.json: pass a Hugging Face model directory "
                           "(as written by save_pretrained).")
-  with open(path) as f:
-    return json.load(f)
+  return _json(path)
 
 
 def tensor_files(hf_dir: str) -> list[str]:
@@ -29,8 +39,10 @@ def tensor_files(hf_dir: str) -> list[str]:
   if os.path.isfile(single):
     return [single]
   if os.path.isfile(index):
-    with open(index) as f:
-      names = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = _json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ConversionError(f"{index} has no \"weight_map\" of tensor names to shard files.")
+    names = sorted(set(weight_map.values()))
     missing = [n for n in names if not os.path.isfile(os.path.join(hf_dir, n))]
     if missing:
       raise ConversionError(f"{index} names shard(s) that are missing: {', '.join(missing)}.")

@@ -20,7 +20,7 @@ def check_point_config(point: Point) -> None:
 
 def read_result(point: Point) -> dict | None:
   path = workdir_lib.result_path(point.workdir)
-  return json.loads(path.read_text()) if path.exists() else None
+  return workdir_lib.read_json(path, "a sweep point's result") if path.exists() else None
 
 
 def status(point: Point) -> str:
@@ -49,4 +49,4 @@ def read_results(workdir: str) -> list[dict]:
   if not path.exists():
     raise DataError(f"No {path}: run `lmjax sweep --config=... --workdir={workdir}` first (it "
                       "writes a line for every finished point).")
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return workdir_lib.read_json(path, "the sweep's results", lines=True)
