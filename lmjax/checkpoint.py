@@ -145,8 +145,9 @@ class Checkpointer:
     args = ocp.args.PyTreeRestore(item={"params": abstract_params},
                                   restore_args={"params": restore_args}, partial_restore=True)
     try:
-      restored = ocp.PyTreeCheckpointer().restore(
-          os.path.join(str(self.manager.directory), str(step), "state"), args=args)
+      with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(os.path.join(str(self.manager.directory), str(step), "state"),
+                                  args=args)
     except Exception as e:  # noqa: BLE001 - the files themselves: see _unreadable
       raise self._unreadable(step, e) from e
     return restored["params"]

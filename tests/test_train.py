@@ -157,34 +157,45 @@ def test_resume_on_text_data_sees_the_same_batches(tmp_path):
   assert [a[s] for s in a] == pytest.approx([b[s] for s in a], rel=1e-6)
 
 
-def test_resume_check_covers_the_objective_and_causal(tmp_path):
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+  """A tiny run of 2 steps with its checkpoint at step 2 (copy it before changing it)."""
+  workdir = tmp_path_factory.mktemp("two_steps")
+  train_lib.train(tiny_config("train.steps=2", "train.checkpoint_every=2"), str(workdir),
+                  progress=False)
+  return workdir
+
+
+def test_resume_check_covers_the_objective_and_causal(two_steps, tmp_path):
   """Resuming a causal LM as a masked LM (or under another fine-tuning) would train another run
   on top of the first: refused, with nothing written."""
-  train_lib.train(tiny_config("train.steps=2"), str(tmp_path), progress=False)
-  before = sorted(os.listdir(tmp_path))
+  import shutil
+  workdir = shutil.copytree(two_steps, tmp_path / "run")
+  before = sorted(os.listdir(workdir))
   with pytest.raises(ConfigError, match="(?s)model.causal: True there, False now.*"
                      "train.objective: 'causal_lm' there, 'masked_lm' now"):
     train_lib.train(tiny_config("train.steps=4", "model.causal=false",
-                                "train.objective=masked_lm"), str(tmp_path))
+                                "train.objective=masked_lm"), str(workdir))
   with pytest.raises(ConfigError, match="finetune.init: '' there, '/elsewhere' now"):
-    train_lib.train(tiny_config("train.steps=4", "finetune.init=/elsewhere"), str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == before and latest_step(tmp_path) == 2
+    train_lib.train(tiny_config("train.steps=4", "finetune.init=/elsewhere"), str(workdir))
+  assert sorted(os.listdir(workdir)) == before and latest_step(workdir) == 2
   # what only says how the model runs may change: dtype, dropout, remat, attention
   result = train_lib.train(tiny_config("train.steps=3", "model.remat=full", "model.dropout=0.1"),
-                           str(tmp_path), progress=False)
+                           str(workdir), progress=False)
   assert result["step"] == 3
 
 
-def test_checkpoint_errors_say_what_is_wrong(tmp_path):
+def test_checkpoint_errors_say_what_is_wrong(two_steps, tmp_path):
   """A checkpoint of another shape names the params that differ; one whose files are damaged says
   it cannot be read (not that it is another model); both are CheckpointErrors, one message."""
+  import shutil
+
+  from conftest import build
   from lmjax import checkpoint as ckpt_lib
   from lmjax import workdir as workdir_lib
   from lmjax.errors import CheckpointError
-  from conftest import build
-  train_lib.train(tiny_config("train.steps=2", "train.checkpoint_every=2"), str(tmp_path),
-                  progress=False)
-  directory = workdir_lib.checkpoint_dir(str(tmp_path))
+  workdir = shutil.copytree(two_steps, tmp_path / "run")
+  directory = workdir_lib.checkpoint_dir(str(workdir))
   wider = build(tiny_config("model.mlp_dim=128"))
   with ckpt_lib.open_checkpoints(directory, read_only=True) as checkpoints:
     with pytest.raises(CheckpointError, match=r"(?s)holds another model.*"
@@ -203,15 +214,14 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path):
       checkpoints.restore(2, run.abstract_state)
 
 
-def test_commands_that_read_a_model_restore_only_its_params(tmp_path, monkeypatch):
+def test_commands_that_read_a_model_restore_only_its_params(two_steps, monkeypatch):
   from lmjax import checkpoint as ckpt_lib
   from lmjax import evaluate as evaluate_lib
-  train_lib.train(tiny_config("train.steps=2"), str(tmp_path), progress=False)
 
   def no_full_restore(*args, **kwargs):
     raise AssertionError("the optimizer state was read")
   monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", no_full_restore)
-  step, result = evaluate_lib.evaluate_checkpoint(str(tmp_path))
+  step, result = evaluate_lib.evaluate_checkpoint(str(two_steps))
   assert step == 2 and np.isfinite(result["loss"])
-  _, _, params, _ = builder.load_params(str(tmp_path))
+  _, _, params, _ = builder.load_params(str(two_steps))
   assert set(params) >= {"embed", "layer_0", "final_norm"}
