@@ -19,7 +19,6 @@ import numpy as np
 from lmjax import builder
 from lmjax import data as data_lib
 from lmjax import metrics as metrics_lib
-from lmjax import sharding as sharding_lib
 from lmjax.flops import flops_per_token
 from lmjax.memory import GiB, estimate_memory
 
@@ -30,10 +29,10 @@ def synthetic_batch(run, seed: int = 0) -> dict:
   """Random tokens {"tokens": [batch, seq_len + 1]}, placed like a real batch (this process's
   rows)."""
   cfg = run.cfg
-  rows = cfg.train.batch_size // jax.process_count()
   tokens = np.random.default_rng(seed).integers(0, cfg.model.vocab_size,
-                                                 (rows, cfg.data.seq_len + 1), dtype=np.int32)
-  return sharding_lib.put_batch({"tokens": tokens}, run.batch_shardings)
+                                                 (cfg.train.batch_size, cfg.data.seq_len + 1),
+                                                 dtype=np.int32)
+  return run.put_batch({"tokens": tokens[run.process_rows]})
 
 
 def compile_train_step(run, batch):
@@ -89,15 +88,14 @@ def spread(values) -> dict:
 
 # --- the input pipeline -----------------------------------------------------------------------
 
-def measure_loader(cfg, workdir: str, batches: int = 50) -> dict:
+def measure_loader(cfg, workdir: str, process_rows=None, batches: int = 50) -> dict:
   """Tokens/s the config's train iterator delivers (after its first batch, which starts it)."""
   prepare_seconds = 0.0
   if cfg.data.source != "synthetic" and not data_lib.is_prepared(cfg, workdir):
     start = time.perf_counter()
     data_lib.prepare(cfg, workdir)
     prepare_seconds = time.perf_counter() - start
-  iterator = data_lib.make_iterator(cfg, workdir, "train", jax.process_index(),
-                                    jax.process_count())
+  iterator = data_lib.make_iterator(cfg, workdir, "train", process_rows)
   try:
     first = next(iterator)
     start = time.perf_counter()
@@ -159,7 +157,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 3, loader: bool = True,
   }
   if loader:
     with tempfile.TemporaryDirectory(prefix="lmjax_bench_") as tmp:
-      result.update(measure_loader(cfg, workdir or tmp, loader_batches))
+      result.update(measure_loader(cfg, workdir or tmp, run.process_rows, loader_batches))
     result["loader_over_training"] = result["loader_tokens_per_second"] / tokens_per_second
   return result
 

@@ -92,6 +92,16 @@ class Run:
   def num_trainable(self) -> int:
     return count_params(self.abstract_state.trainable_params())
 
+  @property
+  def process_rows(self):
+    """The global rows of each batch that this process feeds (those its devices hold)."""
+    return sharding_lib.process_rows(next(iter(self.batch_shardings.values())),
+                                     self.cfg.train.batch_size)
+
+  def put_batch(self, local_batch: dict) -> dict:
+    """This process's rows of a batch -> the global batch on the mesh."""
+    return sharding_lib.put_batch(local_batch, self.batch_shardings, self.cfg.train.batch_size)
+
   def model_params(self, params):
     """The model's own tree of a run's params."""
     return params["model"] if "model" in params else params

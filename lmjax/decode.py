@@ -23,6 +23,7 @@ import numpy as np
 
 from lmjax.errors import UsageError
 from lmjax.model import Transformer
+from lmjax.trees import to_host
 
 # Sampling modes, a static argument: greedy needs no sort, plain sampling needs no sort, and only
 # top-k / top-p filtering pays for sorting the vocabulary every step.
@@ -192,7 +193,7 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
       model, params, tokens_BP, pad_B, jax.random.key(seed), np.float32(temperature or 1.0),
       np.int32(top_k), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
       max_new_tokens=max_new_tokens, mode=mode)
-  out_BM = np.asarray(jax.device_get(out_BM))
+  out_BM = to_host(out_BM)
   results = []
   for row in out_BM.tolist():
     if eos_id is not None and eos_id in row:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 
 
 def _cluster_in_environment() -> bool:
@@ -43,12 +42,14 @@ def initialize_distributed(cfg) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process if `flag` is True on any (a cheap host-level all-reduce)."""
+def reached_preemption_sync_point(step: int) -> bool:
+  """True on every process at the same step once any of them got SIGTERM: JAX's preemption sync
+  manager agrees on the step through the coordination service, in the background, with no device
+  work (every process must call this at every step). False with one process."""
   if jax.process_count() == 1:
-    return flag
+    return False
   from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
+  return multihost_utils.reached_preemption_sync_point(step)
 
 
 def sync(name: str) -> None:

@@ -13,7 +13,6 @@ import numpy as np
 
 from lmjax import builder
 from lmjax import data as data_lib
-from lmjax import sharding as sharding_lib
 from lmjax.data import tasks
 
 
@@ -23,7 +22,7 @@ def evaluate_batches(run, eval_step, params, batches) -> dict:
   sums = None
   with run.context():
     for local in batches:
-      out = jax.device_get(eval_step(params, sharding_lib.put_batch(local, run.batch_shardings)))
+      out = jax.device_get(eval_step(params, run.put_batch(local)))
       out = {k: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64)
              for k, v in out.items()}
       sums = out if sums is None else {k: sums[k] + v for k, v in out.items()}
@@ -41,7 +40,7 @@ def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
   """
   cfg = run.cfg
   num_batches = num_batches or cfg.train.eval_batches
-  iterator = data_lib.make_iterator(cfg, workdir, split, jax.process_index(), jax.process_count())
+  iterator = data_lib.make_iterator(cfg, workdir, split, run.process_rows)
   # a small split would wrap around: count each window once
   num_batches = min(num_batches, getattr(iterator, "batches_per_epoch", None) or num_batches)
   try:
@@ -57,8 +56,7 @@ def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
 
 def evaluate_rows(run, eval_step, params, rows: dict) -> dict:
   """Every one of fine-tuning's held-out rows, once."""
-  batches = tasks.eval_batches(rows, run.cfg.train.batch_size, jax.process_index(),
-                               jax.process_count())
+  batches = tasks.eval_batches(rows, run.cfg.train.batch_size, run.process_rows)
   return evaluate_batches(run, eval_step, params, batches)
 
 

@@ -42,6 +42,7 @@ from lmjax.data.tokenizer import load_tokenizer
 from lmjax.errors import ConfigError, DataError
 from lmjax.losses import objective as make_objective
 from lmjax.metrics import log
+from lmjax.trees import to_host
 
 # train.* keys that belong to the fine-tuning loop; the others (the objective) come from --init
 LOOP_TRAIN_KEYS = ("steps", "batch_size", "seed", "log_every", "eval_every", "eval_batches",
@@ -191,8 +192,7 @@ def finetune(cfg, workdir: str, progress: bool = True, stop_at_step: int | None 
   evaluate = None
   if data.val is not None:
     evaluate = lambda params: evaluate_lib.evaluate_rows(run, eval_step, params, data.val)
-  rows = tasks.RowIterator(data.train, cfg.train.batch_size, cfg.train.seed, jax.process_index(),
-                           jax.process_count())
+  rows = tasks.RowIterator(data.train, cfg.train.batch_size, cfg.train.seed, run.process_rows)
   log(_describe(cfg, run, data))
   result = loop.run_loop(run, workdir, run.jit_train_step(), rows, evaluate, progress=progress,
                          stop_at_step=stop_at_step,
@@ -234,9 +234,11 @@ def export(cfg, workdir: str, run, state, labels: list[str] | None = None) -> in
         step=jax.device_put(jnp.asarray(step, jnp.int32), plain.state_shardings.step))
     with ckpt_lib.open_checkpoints(directory, cfg.train.keep_checkpoints) as checkpoints:
       checkpoints.save(step, plain_state, None, force=True)
-  if cfg.finetune.task == "classification" and jax.process_index() == 0:
-    head = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32),
+  if cfg.finetune.task == "classification":
+    # gathered on every process (a head sharded across hosts), written by process 0
+    head = jax.tree_util.tree_map(lambda x: to_host(x).astype(np.float32),
                                   state.params["head"])
+  if cfg.finetune.task == "classification" and jax.process_index() == 0:
     with workdir_lib.classifier_path(workdir).open("wb") as out:
       np.savez(out, kernel=head["kernel"], bias=head["bias"], labels=np.asarray(labels),
                pooling=np.asarray(cfg.finetune.pooling))

@@ -4,11 +4,13 @@
   restore the latest checkpoint (data position included), or `run.init()`
   for each step: place the next batch while this one computes; check the previous step's numbers;
     log every train.log_every, evaluate every train.eval_every, checkpoint every
-    train.checkpoint_every and when asked to stop (SIGTERM / Ctrl-C / another host / stop_at_step)
+    train.checkpoint_every and when asked to stop (SIGTERM / Ctrl-C / any host's preemption notice,
+    agreed without a device collective / stop_at_step)
 """
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from typing import Callable
@@ -18,7 +20,6 @@ import jax
 from lmjax import checkpoint as ckpt_lib
 from lmjax import distributed
 from lmjax import metrics as metrics_lib
-from lmjax import sharding as sharding_lib
 from lmjax import workdir as workdir_lib
 from lmjax.errors import TrainingError
 from lmjax.evaluate import format_result
@@ -28,14 +29,19 @@ log = metrics_lib.log
 
 
 class StopRequest:
-  """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly."""
+  """SIGTERM / Ctrl-C: finish the current step, save, exit cleanly.
 
-  def __init__(self):
+  With several processes SIGTERM is left to JAX's preemption notifier (installed by
+  `jax.distributed.initialize`), which tells every host; `distributed.reached_preemption_sync_point`
+  then stops them all at the same step. Ctrl-C there is turned into a SIGTERM of this process."""
+
+  def __init__(self, multi_process: bool = False):
     self.requested = None
+    self.multi_process = multi_process
     self._old = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGINT,) if self.multi_process else (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: no signal handling
@@ -43,9 +49,20 @@ class StopRequest:
     return self
 
   def _handle(self, signum, frame):
-    if self.requested is not None and signum == signal.SIGINT:
+    if self._interrupted and signum == signal.SIGINT:
       raise KeyboardInterrupt  # a second Ctrl-C: stop now
-    self.requested = signal.Signals(signum).name
+    self._interrupted = True
+    if self.multi_process:  # every host stops at the step the preemption sync agrees on
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = signal.Signals(signum).name
+
+  _interrupted = False
+
+  def check(self, step: int) -> None:
+    """Once any host got SIGTERM, all of them stop after the same step."""
+    if self.multi_process and distributed.reached_preemption_sync_point(step):
+      self.requested = self.requested or "a preemption notice (SIGTERM) to one of the hosts"
 
   def __exit__(self, *exc):
     for sig, old in self._old.items():
@@ -195,10 +212,10 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
   pending = None  # (step, metrics) of the previous step, checked one step late to keep async
 
   def next_batch():  # (the batch placed on the devices, the data position after it)
-    batch = sharding_lib.put_batch(next(train_iter), run.batch_shardings)
+    batch = run.put_batch(next(train_iter))
     return batch, train_iter.get_state()
 
-  with StopRequest() as stop:
+  with StopRequest(jax.process_count() > 1) as stop:
     upcoming = next_batch() if start < t.steps else None
     for step in range(start, t.steps):
       (batch, data_state), upcoming = upcoming, None
@@ -224,8 +241,7 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
         report.restart_clock()
       if stop_at_step is not None and done >= stop_at_step and not stop.requested:
         stop.requested = f"stop_at_step={stop_at_step}"
-      if distributed.any_process(stop.requested is not None) and not stop.requested:
-        stop.requested = "another host's stop request"  # every host saves at the same step
+      stop.check(done)  # every host saves at the same step (no device work: no wait)
       if done % t.checkpoint_every == 0 or done == t.steps or stop.requested:
         check_finite(*pending, checkpoints)
         checkpoints.save(done, state, data_state, force=True)  # position after `batch`

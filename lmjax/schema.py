@@ -156,6 +156,11 @@ def _mesh() -> ConfigDict:
   s.data = -1  # -1 = the remaining devices
   s.fsdp = 1
   s.tensor = 1
+  # how much of each axis runs across slices (multi-slice TPU; on GPU/CPU, across processes):
+  # the mesh is ICI (data/dcn_data, ...) within a slice x DCN (dcn_data, ...) between slices
+  s.dcn_data = 1
+  s.dcn_fsdp = 1
+  s.dcn_tensor = 1
   # logical axis -> mesh axes: a mesh axis name, a tuple of them, or "" (replicated). Params use
   # embed/mlp/heads/kv_heads/kv/vocab/norm/layers; activations batch/length/act_*.
   s.rules = (

@@ -6,6 +6,8 @@ change, never code.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import flax.linen as nn
@@ -39,13 +41,51 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def dcn_shape(cfg, shape) -> tuple[int, int, int]:
+  """How many slices (granules) each mesh axis spans: mesh.dcn_{data,fsdp,tensor}."""
+  dcn = (cfg.mesh.dcn_data, cfg.mesh.dcn_fsdp, cfg.mesh.dcn_tensor)
+  for axis, size, across in zip(MESH_AXES, shape, dcn):
+    if across < 1 or size % across:
+      raise ConfigError(f"mesh.dcn_{axis}={across} must be a positive divisor of the {axis} "
+                        f"axis (size {size}): it says how much of that axis runs across slices.")
+  return dcn
+
+
+def _granules(devices) -> tuple[int, bool]:
+  """(number of slices, whether they are processes): TPU slices by `slice_index`, else hosts."""
+  if all(hasattr(d, "slice_index") for d in devices):
+    return len({d.slice_index for d in devices}), False
+  return len({d.process_index for d in devices}), True
+
+
 def make_mesh(cfg, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh: topology-aware within a slice; with mesh.dcn_* > 1 a hybrid
+  ICI x DCN mesh over slices (TPU) or processes (GPU, CPU). A device order that is not
+  topology-aware is logged, never silent."""
+  from jax.experimental import mesh_utils
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(cfg, len(devices))
+  dcn = dcn_shape(cfg, shape)
+  if math.prod(dcn) > 1:
+    slices, by_process = _granules(devices)
+    if math.prod(dcn) != slices:
+      raise ConfigError(f"mesh.dcn_data x dcn_fsdp x dcn_tensor = {math.prod(dcn)}, but the "
+                        f"devices form {slices} {'processes' if by_process else 'slices'}; the "
+                        "product must equal that number.")
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES)
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  except Exception:  # unusual device layouts: a plain reshape is always valid
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    if devices[0].platform == "tpu":
+      raise ConfigError(f"The mesh {dict(zip(MESH_AXES, shape))} does not fit this TPU "
+                        f"topology ({e}). Choose axis sizes that tile the slice, e.g. a "
+                        "multiple of the chips per host on the innermost axis.") from None
+    logging.getLogger("lmjax").warning(
+        "The mesh %s is laid out in plain device order, not by the topology (%s).",
+        dict(zip(MESH_AXES, shape)), e)
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
 
@@ -156,8 +196,34 @@ def check_batch_divisible(batch_size: int, accumulation_steps: int, mesh: Mesh, 
         f"mesh times optim.accumulation_steps={accumulation_steps}.")
 
 
-def put_batch(local_batch, shardings):
-  """This process's rows -> one global array (each process feeds only its slice); a dict of row
-  arrays with a dict of shardings gives a dict of global arrays."""
-  return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_process_local_data(s, x),
-                                local_batch, shardings)
+@functools.lru_cache(maxsize=64)
+def process_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+  """The global rows of a batch of `batch_size` that this process's devices hold, sorted: what it
+  reads and feeds. Rows split over processes give each its share; a batch replicated over an axis
+  that spans processes (tensor across hosts) gives each process all the rows of its replicas."""
+  shape = (batch_size,) + (1,) * (len(sharding.spec) - 1 if sharding.spec else 0)
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  out = np.fromiter(sorted(rows), np.int64, len(rows))
+  out.flags.writeable = False  # cached: shared by every caller
+  return out
+
+
+def put_batch(local_batch, shardings, batch_size: int):
+  """This process's rows (`process_rows` of each field's sharding, in that order) -> one global
+  array of `batch_size` rows per field; each device gets its rows from this process's."""
+  def place(x, sharding):
+    rows = process_rows(sharding, batch_size)
+    if len(x) != len(rows):
+      raise ValueError(f"This process holds {len(rows)} rows of the global batch of {batch_size} "
+                       f"but was given {len(x)}.")
+
+    def shard(index):
+      start = int(np.searchsorted(rows, index[0].indices(batch_size)[0]))
+      stop = start + len(range(*index[0].indices(batch_size)))
+      return x[(slice(start, stop),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback((batch_size,) + x.shape[1:], sharding, shard)
+
+  return jax.tree_util.tree_map(place, local_batch, shardings)

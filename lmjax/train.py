@@ -41,8 +41,7 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
   train_step, eval_step = run.jit_train_step(), run.jit_eval_step()
   # a CPU's peak FLOP/s (for MFU) is measured: before the loader's workers start competing for it
   metrics_lib.peak_flops_total(run.mesh.devices.flatten())
-  train_iter = data_lib.make_iterator(cfg, workdir, "train", jax.process_index(),
-                                      jax.process_count())
+  train_iter = data_lib.make_iterator(cfg, workdir, "train", run.process_rows)
   result = loop.run_loop(
       run, workdir, train_step, train_iter,
       lambda params: evaluate_lib.evaluate_split(run, workdir, eval_step, params),

@@ -2,6 +2,7 @@
 as the unscanned `layer_{i}/x` that HF mappings and LoRA layouts name."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 
@@ -57,3 +58,12 @@ def unscanned_shapes(abstract_params, num_layers: int) -> dict:
     else:
       shapes[path] = (tuple(x.shape), x.dtype)
   return shapes
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of an array on this host. An array sharded across processes is gathered (a
+  collective: every process must call this for the same arrays, in the same order)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))

@@ -340,17 +340,19 @@ def test_resume_from_saved_state_matches_uninterrupted(prepared):
   wrong.close()
 
 
-def test_processes_read_their_rows_of_the_global_batch(prepared):
+def test_processes_read_the_rows_their_devices_hold(prepared):
   cfg, workdir, _ = prepared
-  global_batches = take(data.make_iterator(cfg, workdir, process_count=1), 5)
-  parts = [take(data.make_iterator(cfg, workdir, process_index=p, process_count=2), 5)
-           for p in range(2)]
+  global_batches = take(data.make_iterator(cfg, workdir), 5)
+  halves = [take(data.make_iterator(cfg, workdir, process_rows=r), 5) for r in ([0, 1], [2, 3])]
+  # a batch replicated over an axis that spans processes: every process feeds every row
+  every = take(data.make_iterator(cfg, workdir, process_rows=[0, 1, 2, 3]), 5)
+  strided = take(data.make_iterator(cfg, workdir, process_rows=[1, 3]), 5)
   for step in range(5):
-    assert parts[0][step].shape == (2, SEQ_LEN + 1)
-    np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]),
+    assert halves[0][step].shape == (2, SEQ_LEN + 1)
+    np.testing.assert_array_equal(np.concatenate([halves[0][step], halves[1][step]]),
                                   global_batches[step])
-  with pytest.raises(ValueError, match="divisible"):
-    data.make_iterator(cfg, workdir, process_count=3)
+    np.testing.assert_array_equal(every[step], global_batches[step])
+    np.testing.assert_array_equal(strided[step], global_batches[step][[1, 3]])
 
 
 def test_val_reads_in_order_from_the_start(prepared):

@@ -18,19 +18,20 @@ __all__ = ["SyntheticIterator", "bytes_per_token", "check_vocab", "file_sha256",
            "read_index", "resolve_tokenizer", "train_tokenizer"]
 
 
-def make_iterator(cfg, workdir: str, split: str = "train", process_index: int = 0,
-                  process_count: int = 1, batch_size: int | None = None):
-  """The pretraining batches of a split (the data is prepared first if it is not yet)."""
+def make_iterator(cfg, workdir: str, split: str = "train", process_rows=None,
+                  batch_size: int | None = None):
+  """The pretraining batches of a split, each this process's `process_rows` (sorted global row
+  ids; None: all) of the global batch. The data is prepared first if it is not yet."""
   batch_size = batch_size or cfg.train.batch_size
   if cfg.data.source == "synthetic":
     # masked LM keeps the last id out of the stream: it is the mask token (tokenizer.masking_for)
     vocab = cfg.model.vocab_size - (1 if cfg.train.objective == "masked_lm" else 0)
-    return SyntheticIterator(vocab, cfg.data.seq_len, batch_size, cfg.train.seed, process_index,
-                             process_count, split)
+    return SyntheticIterator(vocab, cfg.data.seq_len, batch_size, cfg.train.seed, process_rows,
+                             split)
   if not is_prepared(cfg, workdir):
     prepare(cfg, workdir)  # so that `lmjax train` works on a fresh workdir
   from lmjax.data.loader import TokenIterator  # Grain is imported only when batches are needed
-  return TokenIterator(cfg, workdir, split, process_index, process_count, batch_size)
+  return TokenIterator(cfg, workdir, split, process_rows, batch_size)
 
 
 def bytes_per_token(cfg, workdir: str, split: str = "val") -> float | None:

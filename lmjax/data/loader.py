@@ -5,10 +5,11 @@ windows of seq_len + 1 tokens with stride seq_len (GPT packing: windows span doc
 inputs are window[:-1], targets window[1:], so no target is skipped between windows).
 
   window ids -> shuffle (train; reseeded every epoch) -> repeat -> global batches of B ids
-             -> rows [p*B/P, (p+1)*B/P) of process p, read from the memmaps -> prefetch threads
+             -> the rows this process's devices hold (sharding.process_rows), read from the memmaps
+  -> prefetch threads
 
-Every process builds the same global sequence of window ids and reads only its rows, so P processes
-together see exactly the batches of a 1-process run. The iterator's state is Grain's (the index of
+Every process builds the same global sequence of window ids and reads only the rows its devices
+hold, so P processes together see exactly the batches of a 1-process run, on any mesh. The iterator's state is Grain's (the index of
 the next global batch), hence tiny, JSON-serializable and independent of the process count.
 The val split is read in order from its first window each time an iterator is made; it wraps around
 (so any number of eval batches can be drawn; `batches_per_epoch` tells how many are distinct).
@@ -66,14 +67,12 @@ def window_dataset(num_windows: int, batch_size: int, seed: int, shuffle: bool) 
 
 
 class TokenIterator:
-  """Batches {"tokens": int32 [batch_size // process_count, seq_len + 1]}; same interface as
-  SyntheticIterator."""
+  """Batches {"tokens": int32 [len(process_rows), seq_len + 1]}: rows `process_rows` of each
+  global batch; same interface as SyntheticIterator."""
 
-  def __init__(self, cfg, workdir: str, split: str = "train", process_index: int = 0,
-               process_count: int = 1, batch_size: int | None = None):
+  def __init__(self, cfg, workdir: str, split: str = "train", process_rows=None,
+               batch_size: int | None = None):
     batch_size = batch_size or cfg.train.batch_size
-    if batch_size % process_count:
-      raise ConfigError(f"batch size {batch_size} is not divisible by {process_count} processes.")
     index = read_index(cfg, workdir)
     if split not in index["splits"]:
       raise DataError(f"No split '{split}' in the prepared data; use one of "
@@ -91,10 +90,8 @@ class TokenIterator:
                       f"than one window of data.seq_len + 1 = {cfg.data.seq_len + 1}. Lower "
                       f"data.seq_len or prepare more data.")
     self.split, self.batch_size, self.seed = split, batch_size, cfg.train.seed
-    self.local_batch = batch_size // process_count
     self.batches_per_epoch = max(1, len(self.windows) // batch_size)
-    begin = process_index * self.local_batch
-    rows = slice(begin, begin + self.local_batch)
+    rows = slice(None) if process_rows is None else np.asarray(process_rows)
     batches = window_dataset(len(self.windows), batch_size, cfg.train.seed, split == "train")
     batches = batches.map(lambda ids: {"tokens": self.windows.rows(ids[rows])})
     options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.data.prefetch))

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmjax.errors import ConfigError
 
 
 class SyntheticIterator:
 
   def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, split: str = "train"):
-    if batch_size % process_count:
-      raise ConfigError(f"batch size {batch_size} is not divisible by {process_count} processes.")
+               process_rows=None, split: str = "train"):
     self.vocab_size, self.seq_len = vocab_size, seq_len
-    self.local_batch = batch_size // process_count
-    self.offset = process_index * self.local_batch
+    self.rows = np.arange(batch_size) if process_rows is None else np.asarray(process_rows)
     self.seed = seed + (0 if split == "train" else 1_000_003)
     self.perm = np.random.default_rng(seed).permutation(vocab_size)  # same law for train and val
     self.index = 0
@@ -38,7 +34,7 @@ class SyntheticIterator:
     return self
 
   def __next__(self) -> dict:
-    rows = [self._row(self.index, self.offset + r) for r in range(self.local_batch)]
+    rows = [self._row(self.index, int(r)) for r in self.rows]
     self.index += 1
     return {"tokens": np.stack(rows)}
 

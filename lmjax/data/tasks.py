@@ -218,20 +218,15 @@ def load_task_data(cfg) -> TaskData:
 
 
 class RowIterator:
-  """This process's rows of global batches of rows, shuffled and reshuffled every epoch by the
+  """This process's `process_rows` (None: all) of global batches of rows, shuffled and reshuffled every epoch by the
   seed: the loader's Grain pipeline over row ids (state: the next batch's index)."""
 
-  def __init__(self, rows: dict, batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, rows: dict, batch_size: int, seed: int, process_rows=None):
     import grain
 
     from lmjax.data.loader import window_dataset
-    if batch_size % process_count:
-      raise ConfigError(f"train.batch_size={batch_size} is not divisible by {process_count} "
-                        "processes.")
     self.num_rows, self.batch_size = len(rows["inputs"]), batch_size
-    local = batch_size // process_count
-    mine = slice(process_index * local, (process_index + 1) * local)
+    mine = slice(None) if process_rows is None else np.asarray(process_rows)
     batches = window_dataset(self.num_rows, batch_size, seed, shuffle=True)
     batches = batches.map(lambda ids: {k: v[ids[mine]] for k, v in rows.items()})
     self._iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=1,
@@ -260,13 +255,12 @@ class RowIterator:
     self._iterator.close()
 
 
-def eval_batches(rows: dict, batch_size: int, process_index: int = 0, process_count: int = 1):
+def eval_batches(rows: dict, batch_size: int, process_rows=None):
   """Every row once, in order, in global batches (the last filled with empty rows, which weigh
-  nothing); this process's rows of each."""
+  nothing); this process's `process_rows` of each (None: all)."""
   n = len(rows["inputs"])
   pad = -n % batch_size
   rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
-  local = batch_size // process_count
+  mine = np.arange(batch_size) if process_rows is None else np.asarray(process_rows)
   for start in range(0, n + pad, batch_size):
-    begin = start + process_index * local
-    yield {k: v[begin:begin + local] for k, v in rows.items()}
+    yield {k: v[start + mine] for k, v in rows.items()}

@@ -25,7 +25,8 @@ from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import ConversionError
 from lmjax.hf import configs, files, mapping
 from lmjax.losses import objective
-from lmjax.trees import flatten, stack_layers, unflatten, unscanned_shapes, unstack_layers
+from lmjax.trees import (flatten, stack_layers, to_host, unflatten, unscanned_shapes,
+                         unstack_layers)
 
 
 def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()):
@@ -74,13 +75,6 @@ def _special_ids(tokenizer: str | None) -> dict:
   return {k: v for k, v in ids.items() if v >= 0}
 
 
-def _to_numpy(x) -> np.ndarray:
-  if not x.is_fully_addressable:  # multi-host: gather the shards every process holds
-    from jax.experimental import multihost_utils
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 def _check_exportable(cfg, workdir: str) -> None:
   if not cfg.model.causal:
     raise ConversionError(f"The run in '{workdir}' is a bidirectional encoder (model.causal="
@@ -101,7 +95,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None) -> dict:
   tokenizer = workdir_lib.tokenizer_path(cfg, workdir)
   tokenizer = tokenizer if os.path.isfile(tokenizer) else None
   config = configs.hf_config(cfg, _special_ids(tokenizer))
-  flat = unstack_layers(flatten(jax.tree_util.tree_map(_to_numpy, params)), cfg.model.num_layers)
+  flat = unstack_layers(flatten(jax.tree_util.tree_map(to_host, params)), cfg.model.num_layers)
   tensors = mapping.params_to_hf(flat, mapping.rules_for(cfg.model))
   written = {}
   if jax.process_index() == 0:
