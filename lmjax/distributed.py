@@ -5,6 +5,8 @@ import os
 
 import jax
 
+from lmjax.errors import LmjaxError
+
 
 def _cluster_in_environment() -> bool:
   env = os.environ
@@ -57,3 +59,37 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def _client():
+  # the coordination service's key-value store (what Orbax and the preemption sync use); jax has
+  # no public name for it
+  from jax._src import distributed as jax_distributed
+  return jax_distributed.global_state.client
+
+
+_published = {"count": 0}
+
+
+def share_from_process_0(compute, what: str, wait_s: float = 24 * 3600) -> str:
+  """Process 0 runs `compute() -> str` and every process returns its result; the others wait
+  for it on the coordination service (host RPCs, no device collective), however long it takes.
+  An exception on process 0 is raised on every process. Every process must call this the same
+  number of times, in the same order."""
+  if jax.process_count() == 1:
+    return compute()
+  _published["count"] += 1
+  key = f"lmjax/{what}/{_published['count']}"
+  client = _client()
+  if jax.process_index() == 0:
+    try:
+      value = compute()
+    except BaseException as e:
+      client.key_value_set(key, "error:" + f"{type(e).__name__}: {e}".replace("\n", " "))
+      raise
+    client.key_value_set(key, "ok:" + value)
+    return value
+  value = client.blocking_key_value_get(key, int(wait_s * 1000))
+  if value.startswith("error:"):
+    raise LmjaxError(f"Process 0 failed at {what}: {value[len('error:'):]}")
+  return value[len("ok:"):]

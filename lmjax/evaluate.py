@@ -9,16 +9,19 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmjax import builder
+from lmjax import sharding as sharding_lib
+from lmjax import workdir as workdir_lib
 from lmjax import data as data_lib
 from lmjax.data import tasks
 
 
 def evaluate_batches(run, eval_step, params, batches) -> dict:
   """The objective's summary of the sums of `eval_step(params, batch)` over `batches` (this
-  process's rows of each global batch)."""
+  process's rows of each global batch). `eval_step` may add sums of its own ("bytes")."""
   sums = None
   with run.context():
     for local in batches:
@@ -34,24 +37,39 @@ def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
   """The first `num_batches` (default train.eval_batches) batches of a pretraining split, the same
   every time, each window at most once.
 
-  Bits per byte = loss (nats/token) / ln 2 * tokens / UTF-8 bytes of the split's text: comparable
-  across tokenizers. It is absent for synthetic data, which has no text, and for a masked LM,
-  which does not score every token.
+  Bits per byte = the summed loss (nats) / ln 2 / the UTF-8 bytes of the tokens it scored (each
+  target token's text, `tokenizer.token_bytes`): comparable across tokenizers. It is absent for
+  synthetic data, which has no text, and for a masked LM, which does not score every token.
   """
   cfg = run.cfg
   num_batches = num_batches or cfg.train.eval_batches
   iterator = data_lib.make_iterator(cfg, workdir, split, run.process_rows)
   # a small split would wrap around: count each window once
   num_batches = min(num_batches, getattr(iterator, "batches_per_epoch", None) or num_batches)
+  with_bytes = cfg.data.source != "synthetic" and run.objective.name == "causal_lm"
+  if with_bytes:
+    eval_step = _with_scored_bytes(run, eval_step, workdir)
   try:
     result = evaluate_batches(run, eval_step, params,
                               (next(iterator) for _ in range(num_batches)))
   finally:
     iterator.close()
-  bytes_per_token = data_lib.bytes_per_token(cfg, workdir, split)
-  if bytes_per_token and run.objective.name == "causal_lm":
-    result["bits_per_byte"] = result["loss"] / math.log(2) / bytes_per_token
+  if with_bytes:
+    scored_bytes = result.pop("bytes") * result["tokens"]  # summarize divided every sum by tokens
+    result["bits_per_byte"] = result["loss"] * result["tokens"] / math.log(2) / max(
+        scored_bytes, 1.0)
   return result
+
+
+def _with_scored_bytes(run, eval_step, workdir: str):
+  """eval_step plus "bytes": the UTF-8 bytes of the batch's target tokens, summed on the mesh
+  (each global row once, however the rows are spread over processes)."""
+  table = data_lib.token_bytes(data_lib.load_tokenizer(
+      workdir_lib.tokenizer_path(run.cfg, workdir)))
+  count = jax.jit(lambda batch: jnp.asarray(table)[batch["tokens"][:, 1:]].sum(dtype=jnp.float32),
+                  in_shardings=(run.batch_shardings,),
+                  out_shardings=sharding_lib.replicated(run.mesh))
+  return lambda params, batch: {**eval_step(params, batch), "bytes": count(batch)}
 
 
 def evaluate_rows(run, eval_step, params, rows: dict) -> dict:

@@ -69,14 +69,18 @@ class MetricsWriter:
   """Appends one JSON object a line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
   Only the writing process (process 0) writes; the others get a writer that does nothing. A
-  workdir in a bucket (gs://...) cannot be appended to, so there the file is rewritten whole.
+  bucket (gs://...) cannot append, so there the lines go to parts, metrics.jsonl, metrics.jsonl.1,
+  ..., of at most PART_LINES lines: a write rewrites only the current part (each line is durable
+  at once, and the cost of a write stays bounded instead of growing with the run).
   """
+  PART_LINES = 100
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               appendable: bool | None = None):
     self.enabled = enabled
     self.path = workdir_lib.metrics_path(workdir)
-    self._remote = "://" in str(workdir)
-    self._lines = None
+    self._append = "://" not in str(workdir) if appendable is None else appendable
+    self._part, self._lines = None, []
     self._tb = None
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
@@ -88,14 +92,14 @@ class MetricsWriter:
     record = {"step": int(step), "split": split}
     record.update({k: _plain(v) for k, v in scalars.items()})
     line = json.dumps(record) + "\n"
-    if self._remote:
-      if self._lines is None:
-        self._lines = [self.path.read_text()] if self.path.exists() else []
-      self._lines.append(line)
-      self.path.write_text("".join(self._lines))
-    else:
-      with open(self.path, "a") as f:
+    if self._append:
+      with self.path.open("a") as f:
         f.write(line)
+    else:
+      if self._part is None or len(self._lines) >= self.PART_LINES:  # a new part
+        self._part, self._lines = metric_parts(self.path, new=True)[-1], []
+      self._lines.append(line)
+      self._part.write_text("".join(self._lines))
     if self._tb is not None:
       for k, v in record.items():
         if k not in ("step", "split") and isinstance(v, (int, float)):
@@ -111,6 +115,16 @@ class MetricsWriter:
       self._tb = None
 
 
+def metric_parts(path, new: bool = False) -> list:
+  """metrics.jsonl and its parts metrics.jsonl.1, .2, ... that exist, in order; with `new`, the
+  name of the next part after them."""
+  parts, k = [], 0
+  while (part := path if k == 0 else path.with_name(f"{path.name}.{k}")).exists():
+    parts.append(part)
+    k += 1
+  return parts + [part] if new else parts
+
+
 def _plain(v):
   if isinstance(v, (np.generic, np.ndarray)):
     v = v.item()
@@ -120,10 +134,9 @@ def _plain(v):
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = workdir_lib.metrics_path(str(workdir))
-  if not path.exists():
-    return []
-  return workdir_lib.read_json(path, "the run's metrics", lines=True)
+  """Every record of a run's metrics.jsonl (and its parts, in a bucket), in order."""
+  return [record for part in metric_parts(workdir_lib.metrics_path(str(workdir)))
+          for record in workdir_lib.read_json(part, "the run's metrics", lines=True)]
 
 
 def log(msg: str) -> None:

@@ -53,8 +53,8 @@ def dcn_shape(cfg, shape) -> tuple[int, int, int]:
 
 def _granules(devices) -> tuple[int, bool]:
   """(number of slices, whether they are processes): TPU slices by `slice_index`, else hosts."""
-  if all(hasattr(d, "slice_index") for d in devices):
-    return len({d.slice_index for d in devices}), False
+  if devices[0].platform == "tpu":
+    return len({getattr(d, "slice_index", 0) for d in devices}), False
   return len({d.process_index for d in devices}), True
 
 

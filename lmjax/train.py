@@ -4,11 +4,9 @@
 """
 from __future__ import annotations
 
-import jax
 
 from lmjax import builder
 from lmjax import data as data_lib
-from lmjax import distributed
 from lmjax import evaluate as evaluate_lib
 from lmjax import generate
 from lmjax import loop
@@ -17,13 +15,10 @@ from lmjax import workdir as workdir_lib
 
 
 def prepare_data(cfg, workdir: str) -> None:
-  """Tokenizer and shards of a text corpus. Process 0 prepares first; the others then find the
-  shards (shared disk) or make the same ones on their own disk, deterministically."""
-  if cfg.data.source == "synthetic":
-    return
-  if jax.process_index() == 0 and not data_lib.is_prepared(cfg, workdir):
-    data_lib.prepare(cfg, workdir)
-  distributed.sync("lmjax:prepare")
+  """Tokenizer and shards of a text corpus, made once by process 0 in the shared workdir (the
+  others wait, then check they see the same)."""
+  if cfg.data.source != "synthetic":
+    data_lib.prepare_once(cfg, workdir)
 
 
 def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = None) -> dict:

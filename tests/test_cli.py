@@ -52,6 +52,26 @@ def test_eval_command_reports_and_appends(trained):
   # training's periodic eval at step 20 used the same code on the same batches
   logged = [r for r in records[:before] if r["split"] == "val" and r["step"] == 20][0]
   assert result["loss"] == pytest.approx(logged["loss"], rel=1e-5)
+  assert result["bits_per_byte"] == pytest.approx(logged["bits_per_byte"], rel=1e-5)
+
+
+def test_bits_per_byte_divide_by_the_bytes_of_the_scored_tokens(trained):
+  """One val batch: its summed loss over the UTF-8 bytes of exactly its target tokens."""
+  import math
+
+  from lmjax import data
+  from lmjax import workdir as workdir_lib
+  from lmjax.evaluate import evaluate_checkpoint
+  workdir, _ = trained
+  step, result = evaluate_checkpoint(str(workdir), num_batches=1)
+  cfg = workdir_lib.load_config(str(workdir))
+  iterator = data.make_iterator(cfg, str(workdir), "val")
+  targets = next(iterator)["tokens"][:, 1:]
+  iterator.close()
+  table = data.token_bytes(data.load_tokenizer(workdir_lib.tokenizer_path(cfg, str(workdir))))
+  assert result["tokens"] == targets.size
+  assert result["bits_per_byte"] == pytest.approx(
+      result["loss"] * targets.size / math.log(2) / table[targets].sum(), rel=1e-6)
 
 
 def test_generate_command(trained):

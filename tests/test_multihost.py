@@ -1,4 +1,5 @@
-"""Multi-host on one machine: two processes with 4 CPU devices each, gloo collectives."""
+"""Multi-host on one machine: two processes with 2 or 4 CPU devices each, gloo collectives."""
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import ROOT, latest_step
 from lmjax.metrics import read_metrics
+from test_data import write_txt_corpus
 
 COMMON = ["--config=configs/quickstart.py", "--no_progress", "--config.data.source=synthetic",
           "--config.train.log_every=1", "--config.train.eval_batches=2",
@@ -94,3 +96,85 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step(tmp_path):
   assert f"Resuming from step {saved}" in outs[0]
   steps = [r["step"] for r in read_metrics(workdir) if r["split"] == "train"]
   assert steps[-2:] == [saved + 1, saved + 2]
+
+
+# --- input placement on meshes whose axes span processes, on prepared text --------------------
+
+TEXT = ["--config=configs/quickstart.py", "--no_progress", "--config.model.num_layers=2",
+        "--config.model.d_model=64", "--config.model.num_heads=4", "--config.model.mlp_dim=128",
+        "--config.model.vocab_size=512", "--config.data.vocab_size=400",
+        "--config.model.max_len=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
+        "--config.train.steps=4", "--config.train.log_every=1", "--config.train.eval_every=4",
+        "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
+        "--config.optim.warmup_steps=2", "--config.train.sample_prompt=", "--config.data.num_workers=1"]
+MESHES = {  # 2 processes x 2 devices: each mesh has an axis outside the batch spanning both
+    "tensor=4": ["--config.mesh.data=1", "--config.mesh.tensor=4"],
+    "fsdp=4": ["--config.mesh.data=1", "--config.mesh.fsdp=4"],
+    "data=2,tensor=2 (tensor across processes)": ["--config.mesh.data=2", "--config.mesh.tensor=2",
+                                                  "--config.mesh.dcn_tensor=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One process with 4 devices, on a small text corpus."""
+  root = tmp_path_factory.mktemp("placement")
+  write_txt_corpus(root / "corpus", num_docs=60)
+  source = f"--config.data.source=text:{root}/corpus/*.txt"
+  single("train", TEXT + [source, f"--workdir={root / 'one'}"], devices=4)
+  return root, source
+
+
+def test_every_mesh_feeds_the_global_batch_and_data_is_prepared_once(reference, tmp_path):
+  root, source = reference
+  want = losses(root / "one")
+  want_val = losses(root / "one", "val")
+  for i, (name, mesh) in enumerate(MESHES.items()):
+    workdir = tmp_path / f"mesh{i}"
+    # the first launch prepares its own (shared) workdir; the others read the reference's data
+    data = [] if i == 0 else [f"--config.data.prepared_dir={root / 'one' / 'data'}"]
+    outs = finish(launch("train", TEXT + [source, f"--workdir={workdir}"] + mesh + data,
+                         tmp_path, devices=2))
+    assert losses(workdir) == pytest.approx(want, rel=2e-5, abs=2e-5), name
+    assert losses(workdir, "val") == pytest.approx(want_val, rel=2e-5, abs=2e-5), name
+    if i == 0:  # one process tokenized; the other waited, then checked the same shards
+      assert [("prepare text:" in out) for out in outs] == [True, False]
+      assert json.loads((workdir / "data" / "index.json").read_text())["splits"]["train"]["tokens"]
+
+
+def test_fine_tuning_on_meshes_across_processes(reference, tmp_path):
+  """Classification (head exported from an fsdp axis spanning both processes) and SFT give the
+  single-process figures."""
+  root, _ = reference
+  texts = [("def f(x):", "def"), ("class A:", "class"), ("return x", "return"),
+           ("import os", "import")]
+  with open(tmp_path / "kinds.jsonl", "w") as f:
+    for k in range(64):
+      text, label = texts[k % 4]
+      f.write(json.dumps({"text": f"{text} {k}", "label": label}) + "\n")
+  with open(tmp_path / "sft.jsonl", "w") as f:
+    for k in range(64):
+      f.write(json.dumps({"prompt": f"def f{k}(x):\n", "response": f"  return x + {k}\n"}) + "\n")
+  common = ["--config=configs/finetune.py:TASK", f"--init={root / 'one'}", "--no_progress",
+            "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.log_every=1",
+            "--config.train.eval_every=4", "--config.data.seq_len=32",
+            "--config.optim.warmup_steps=1"]
+  cases = {"classification": (["--config.mesh.data=1", "--config.mesh.fsdp=4"], "kinds"),
+           "sft": (MESHES["data=2,tensor=2 (tensor across processes)"], "sft")}
+  for task, (mesh, data) in cases.items():
+    args = [a.replace("TASK", task) for a in common] + [
+        f"--config.finetune.data={tmp_path / data}.jsonl"]
+    single("finetune", args + [f"--workdir={tmp_path / task}-one"], devices=4)
+    finish(launch("finetune", args + mesh + [f"--workdir={tmp_path / task}-two"], tmp_path,
+                  devices=2))
+    one = read_metrics(tmp_path / f"{task}-one")
+    two = read_metrics(tmp_path / f"{task}-two")
+    for split in ("train", "val"):
+      keys = ("loss", "accuracy", "macro_f1") if split == "val" and task == "classification" else (
+          "loss",)
+      for key in keys:
+        assert [r[key] for r in two if r["split"] == split] == pytest.approx(
+            [r[key] for r in one if r["split"] == split], rel=2e-5, abs=2e-5), (task, split, key)
+  import numpy as np
+  heads = [np.load(tmp_path / f"classification-{n}" / "classifier.npz") for n in ("one", "two")]
+  np.testing.assert_allclose(heads[1]["kernel"], heads[0]["kernel"], rtol=1e-4, atol=1e-6)

@@ -135,6 +135,23 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tmp_path, capsys, mon
     sweep.run(changed, spec, workdir, progress=False)
 
 
+def test_each_point_frees_its_state_before_the_next(tmp_path, monkeypatch):
+  import jax
+  spec = write_sweep(tmp_path, "s.flops = (1.6e8,)")
+  live, states, real_train = [], [], train_lib.train
+
+  def train(cfg, workdir, **kwargs):
+    live.append(sum(x.nbytes for x in jax.live_arrays()))
+    result = real_train(cfg, workdir, **kwargs)
+    states.append(sum(x.nbytes for x in jax.tree_util.tree_leaves(result["state"])))
+    return result
+  monkeypatch.setattr(train_lib, "train", train)
+  sweep.run(sweep.load_sweep(spec), spec, str(tmp_path / "sweep"), progress=False)
+  assert len(live) == 2 and states[0] > 0
+  assert live[1] - live[0] < states[0] / 2, (live, states)  # the first point's state is gone
+  assert sum(x.nbytes for x in jax.live_arrays()) - live[0] < states[1] / 2
+
+
 def test_cli_plan_and_errors(tmp_path):
   spec = write_sweep(tmp_path)
   out = run_cli("sweep", f"--config={spec}", f"--workdir={tmp_path / 'w'}", "--plan")

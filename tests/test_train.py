@@ -225,3 +225,26 @@ def test_commands_that_read_a_model_restore_only_its_params(two_steps, monkeypat
   assert step == 2 and np.isfinite(result["loss"])
   _, _, params, _ = builder.load_params(str(two_steps))
   assert set(params) >= {"embed", "layer_0", "final_norm"}
+
+
+def test_metrics_in_a_bucket_go_to_parts_each_write_bounded(tmp_path, monkeypatch):
+  """Where files cannot be appended to (gs://), a write rewrites only the current part."""
+  from etils import epath
+
+  from lmjax import metrics as metrics_lib
+  written = []
+  real_write = epath.Path.write_text
+  monkeypatch.setattr(epath.Path, "write_text",
+                      lambda self, text, **kw: written.append(len(text)) or real_write(self, text,
+                                                                                          **kw))
+  for run in range(2):  # a resumed run starts a new part, never rewrites the old ones
+    writer = metrics_lib.MetricsWriter(str(tmp_path), tensorboard=False, appendable=False)
+    for step in range(250):
+      writer.write(run * 1000 + step, "train", loss=float(step))
+    writer.close()
+  records = metrics_lib.read_metrics(str(tmp_path))
+  assert [r["step"] for r in records] == [r * 1000 + s for r in range(2) for s in range(250)]
+  assert len(metrics_lib.metric_parts(metrics_lib.workdir_lib.metrics_path(str(tmp_path)))) == 6
+  longest = max(len(json.dumps(r)) + 1 for r in records)
+  assert max(written) <= metrics_lib.MetricsWriter.PART_LINES * longest  # a part, not the run
+  assert sum(written) < 60 * sum(len(json.dumps(r)) + 1 for r in records)

@@ -14,6 +14,6 @@ def add_arguments(p) -> None:
 
 def run(args, overrides) -> int:
   from lmjax import data as data_lib
-  index = data_lib.prepare(resolve_config(args, overrides), args.workdir)
+  index = data_lib.prepare_once(resolve_config(args, overrides), args.workdir)
   print(json.dumps({k: v for k, v in index.items() if k != "shards"}, indent=2, default=str))
   return 0

@@ -7,15 +7,15 @@ The loop only sees iterators of batches, dicts of this process's rows of each gl
 """
 from __future__ import annotations
 
-from lmjax.data.prepare import is_prepared, prepare, read_index
+from lmjax.data.prepare import is_prepared, prepare, prepare_once, read_index
 from lmjax.data.sources import iter_documents
 from lmjax.data.synthetic import SyntheticIterator
 from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, masking_for,
-                                  resolve_tokenizer, train_tokenizer)
+                                  resolve_tokenizer, token_bytes, train_tokenizer)
 
-__all__ = ["SyntheticIterator", "bytes_per_token", "check_vocab", "file_sha256", "is_prepared",
-           "iter_documents", "load_tokenizer", "make_iterator", "masking_for", "prepare",
-           "read_index", "resolve_tokenizer", "train_tokenizer"]
+__all__ = ["SyntheticIterator", "check_vocab", "file_sha256", "is_prepared",
+           "iter_documents", "load_tokenizer", "make_iterator", "masking_for", "prepare", "prepare_once",
+           "read_index", "resolve_tokenizer", "token_bytes", "train_tokenizer"]
 
 
 def make_iterator(cfg, workdir: str, split: str = "train", process_rows=None,
@@ -32,12 +32,3 @@ def make_iterator(cfg, workdir: str, split: str = "train", process_rows=None,
     prepare(cfg, workdir)  # so that `lmjax train` works on a fresh workdir
   from lmjax.data.loader import TokenIterator  # Grain is imported only when batches are needed
   return TokenIterator(cfg, workdir, split, process_rows, batch_size)
-
-
-def bytes_per_token(cfg, workdir: str, split: str = "val") -> float | None:
-  """UTF-8 bytes of text per token (eos included) of a prepared split, for bits per byte:
-  bits_per_byte = loss_per_token / ln(2) / bytes_per_token. None for synthetic data."""
-  if cfg.data.source == "synthetic":
-    return None
-  stats = read_index(cfg, workdir)["splits"][split]
-  return stats["bytes"] / stats["tokens"]

@@ -16,6 +16,7 @@ only the documents after them. The split of a document is fixed by its position
 from __future__ import annotations
 
 import collections
+import hashlib
 from concurrent import futures
 import json
 import multiprocessing
@@ -24,10 +25,12 @@ import platform
 import re
 from typing import Iterator
 
+import jax
 import numpy as np
 import sentencepiece as spm
 import tqdm
 
+from lmjax import distributed
 from lmjax import workdir as workdir_lib
 from lmjax.data.sources import is_validation_document, iter_documents
 from lmjax.data.tokenizer import check_vocab, file_sha256, load_tokenizer, resolve_tokenizer
@@ -282,3 +285,55 @@ def prepare(cfg, workdir: str) -> dict:
   if os.path.exists(os.path.join(out_dir, "progress.json")):
     os.remove(os.path.join(out_dir, "progress.json"))
   return index
+
+
+def shards_fingerprint(cfg, workdir: str) -> str:
+  """A digest of the prepared data as this process sees it: the index's fingerprint (tokenizer
+  checksum included), dtype and every shard's name and token count. Raises a DataError if the
+  tokenizer file does not have the recorded checksum or a shard is missing or of the wrong size."""
+  index = read_index(cfg, workdir)
+  tokenizer = workdir_lib.tokenizer_path(cfg, workdir)
+  recorded = index["fingerprint"]["tokenizer_sha256"]
+  if not os.path.isfile(tokenizer) or file_sha256(tokenizer) != recorded:
+    raise DataError(f"The tokenizer '{tokenizer}' is missing or is not the one the data in "
+                    f"'{index_path(cfg, workdir)}' was prepared with (sha256 {recorded[:12]}...). "
+                    "Every host must see the same workdir; re-prepare it in a fresh one.")
+  out_dir, itemsize = workdir_lib.prepared_dir(cfg, workdir), np.dtype(index["dtype"]).itemsize
+  listing = []
+  for split, stats in sorted(index["splits"].items()):
+    for shard in stats["shards"]:
+      path = os.path.join(out_dir, shard["file"])
+      size = os.path.getsize(path) if os.path.isfile(path) else None
+      if size != shard["tokens"] * itemsize:
+        raise DataError(f"The shard '{path}' is {'missing' if size is None else f'{size} bytes'}"
+                        f", but the index records {shard['tokens']} tokens "
+                        f"({shard['tokens'] * itemsize} bytes). The prepared data is damaged or "
+                        "not shared by every host: re-prepare it in a fresh workdir.")
+      listing.append((split, shard["file"], shard["tokens"]))
+  digest = {"fingerprint": index["fingerprint"], "dtype": index["dtype"], "shards": listing}
+  return hashlib.sha256(json.dumps(digest, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_once(cfg, workdir: str) -> dict:
+  """Prepares the data (if it is not yet) on process 0 only, into the shared workdir; the other
+  processes wait for it without a device collective, then check that the tokenizer and shards
+  they see are the ones process 0 wrote (same checksum and shard fingerprint), or refuse."""
+  def on_process_0() -> str:
+    if not is_prepared(cfg, workdir):
+      prepare(cfg, workdir)
+    return shards_fingerprint(cfg, workdir)
+
+  written = distributed.share_from_process_0(on_process_0, "prepare")
+  if jax.process_index() == 0:
+    return read_index(cfg, workdir)
+  if not os.path.isfile(index_path(cfg, workdir)):
+    raise DataError(f"Process 0 prepared the data in '{index_path(cfg, workdir)}', but process "
+                    f"{jax.process_index()} does not see it there: data.prepared_dir (and the "
+                    "workdir) must be storage that every host shares, e.g. gs:// or NFS.")
+  seen = shards_fingerprint(cfg, workdir)
+  if seen != written:
+    raise DataError(f"The prepared data process {jax.process_index()} sees in "
+                    f"'{workdir_lib.prepared_dir(cfg, workdir)}' differs from what process 0 "
+                    f"wrote (fingerprint {seen[:12]} vs {written[:12]}): the hosts do not share "
+                    "one prepared dir. Point data.prepared_dir at shared storage.")
+  return read_index(cfg, workdir)

@@ -12,6 +12,7 @@ import hashlib
 import os
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from lmjax import workdir as workdir_lib
@@ -91,6 +92,19 @@ def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
   except (OSError, RuntimeError) as e:
     raise DataError(f"Cannot load the tokenizer {path} ({e}): it is not a SentencePiece .model "
                     "file, or it is damaged.") from None
+
+
+def token_bytes(sp: spm.SentencePieceProcessor) -> np.ndarray:
+  """UTF-8 bytes of text each token id stands for (int32 [vocab]): a byte-fallback piece is one
+  byte, control and unknown pieces none, "▁" a space. Exact for lmjax's own tokenizers (no
+  normalization, no dummy prefix); for others the text as the tokenizer normalized it."""
+  out = np.zeros(sp.get_piece_size(), np.int32)
+  for i in range(len(out)):
+    if sp.is_byte(i):
+      out[i] = 1
+    elif not (sp.is_control(i) or sp.is_unknown(i)):
+      out[i] = len(sp.id_to_piece(i).replace("▁", " ").encode("utf-8"))
+  return out
 
 
 def resolve_tokenizer(cfg, workdir: str) -> str:

@@ -16,7 +16,6 @@ import shutil
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from lmjax import builder
 from lmjax import checkpoint as ckpt_lib

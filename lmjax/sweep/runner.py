@@ -10,7 +10,6 @@ import numpy as np
 from etils import epath
 
 from lmjax import data as data_lib
-from lmjax import distributed
 from lmjax import evaluate as evaluate_lib
 from lmjax import metrics as metrics_lib
 from lmjax import train as train_lib
@@ -123,6 +122,9 @@ def _train_point(p: Point, resuming: bool, progress: bool) -> dict | None:
   start = time.perf_counter()
   result = train_lib.train(p.cfg, p.workdir, progress=progress)
   seconds = time.perf_counter() - start
+  # the point's params and optimizer state leave the devices now, before the next point starts
+  for x in jax.tree_util.tree_leaves(result.pop("state")):
+    x.delete()
   if result["stopped_by"]:
     log(f"Sweep stopped during {p.name} ({result['stopped_by']}); its checkpoint is saved. "
         "Rerun the same command to resume.")
@@ -192,7 +194,6 @@ def data_ready(cfg) -> bool:
 def prepare_data(s, workdir: str, cfg=None) -> None:
   """Tokenizer and token shards for every point (they share data.prepared_dir), made once."""
   cfg = cfg or make_plan(s, workdir)[0][0].cfg
-  if jax.process_index() == 0 and not data_ready(cfg):
-    data_lib.prepare(cfg, workdir)
-  distributed.sync("lmjax:sweep-prepare")
+  if cfg.data.source != "synthetic":
+    data_lib.prepare_once(cfg, workdir)
   log(f"Data ready in {cfg.data.prepared_dir}.")
