@@ -74,6 +74,23 @@ def test_mesh_must_fit_devices():
   assert sharding_lib.mesh_shape(tiny_config("mesh.fsdp=2", "mesh.tensor=2"), 8) == (2, 2, 2)
 
 
+def test_multi_slice_settings_are_checked():
+  code = f"""
+import sys, json; sys.path.insert(0, {__import__('os').path.dirname(__file__)!r})
+from conftest import tiny_config
+from lmjax import sharding
+try:
+  sharding.make_mesh(tiny_config("mesh.dcn_data=2"))
+except Exception as e:
+  print(json.dumps({{"error": str(e)}}))
+"""
+  assert "dcn_data x dcn_fsdp x dcn_tensor = 2, but the devices form 1 processes" in run_python(
+      code, 2)["error"]
+  with pytest.raises(ConfigError, match="mesh.dcn_tensor=3 must be a positive divisor of the "
+                                        "tensor axis"):
+    sharding_lib.dcn_shape(tiny_config("mesh.tensor=4", "mesh.dcn_tensor=3"), (1, 1, 4))
+
+
 def test_dimensions_that_do_not_divide_are_a_clear_error():
   code = f"""
 import sys, json; sys.path.insert(0, {__import__('os').path.dirname(__file__)!r})

@@ -317,13 +317,20 @@ def shards_fingerprint(cfg, workdir: str) -> str:
 def prepare_once(cfg, workdir: str) -> dict:
   """Prepares the data (if it is not yet) on process 0 only, into the shared workdir; the other
   processes wait for it without a device collective, then check that the tokenizer and shards
-  they see are the ones process 0 wrote (same checksum and shard fingerprint), or refuse."""
-  def on_process_0() -> str:
+  they see are the ones process 0 wrote (same checksum and shard fingerprint), or refuse.
+
+  A workdir in a bucket without data.prepared_dir keeps its data in a cache on each host's own
+  disk (`workdir.prepared_dir`): there every process prepares its copy, and the copies are
+  checked against process 0's the same way."""
+  def prepared_here() -> str:
     if not is_prepared(cfg, workdir):
       prepare(cfg, workdir)
     return shards_fingerprint(cfg, workdir)
 
-  written = distributed.share_from_process_0(on_process_0, "prepare")
+  per_host = "://" in str(workdir) and not cfg.data.prepared_dir
+  if per_host and jax.process_index() > 0:
+    prepared_here()
+  written = distributed.share_from_process_0(prepared_here, "prepare")
   if jax.process_index() == 0:
     return read_index(cfg, workdir)
   if not os.path.isfile(index_path(cfg, workdir)):
