@@ -155,6 +155,32 @@ def test_export_loads_in_transformers_and_round_trips(models, kind, tmp_path, ca
           (tmp_path / "out2" / "config.json").read_text())
 
 
+def test_export_writes_shards_of_a_max_size_with_an_index(models, tmp_path):
+  """One tensor gathered at a time, into files of at most max_shard_bytes: what transformers'
+  sharded save_pretrained writes, loaded with the same tensors."""
+  import json
+  model, hf_dir, run = models("gpt2")
+  written = hf.export_hf(str(run), str(tmp_path / "out"), max_shard_bytes=100_000)
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  assert written["weights"].endswith("model.safetensors.index.json")
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2 and not (tmp_path / "out" / "model.safetensors").exists()
+  exported = {}
+  for name in files:
+    path = tmp_path / "out" / name
+    part = load_file(str(path))
+    assert path.stat().st_size <= 100_000 + 4 * max(x.size for x in part.values()) + 10_000
+    exported.update(part)
+  original = load_file(str(hf_dir / "model.safetensors"))
+  assert exported.keys() == original.keys() == index["weight_map"].keys()
+  assert all(np.array_equal(exported[k], original[k]) for k in original)
+  assert index["metadata"]["total_size"] == sum(x.nbytes for x in exported.values())
+  loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+      str(tmp_path / "out"), output_loading_info=True)
+  assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  assert max_diff(hf_logits(loaded.eval()), lmjax_logits(run)[0]) < TOL
+
+
 def _swap_key_value(rules):  # both [K*H, D]: passes every shape check
   k, v = "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"
   return [r._replace(hf={k: v, v: k}.get(r.hf, r.hf)) for r in rules]

@@ -16,6 +16,7 @@ import shutil
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from lmjax import builder
 from lmjax import checkpoint as ckpt_lib
@@ -24,8 +25,7 @@ from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import ConversionError
 from lmjax.hf import configs, files, mapping
 from lmjax.losses import objective
-from lmjax.trees import (flatten, stack_layers, to_host, unflatten, unscanned_shapes,
-                         unstack_layers)
+from lmjax.trees import (flatten, stack_layers, to_host, unflatten, unscanned_shapes)
 
 
 def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()):
@@ -84,26 +84,93 @@ def _check_exportable(cfg, workdir: str) -> None:
                           "Llama checkpoint, which would compute other logits.")
 
 
-def export_hf(workdir: str, out_dir: str, step: int | None = None) -> dict:
-  """lmjax run (latest checkpoint, or `step`) -> HF directory with config.json, float32
-  model.safetensors and the run's tokenizer.model. Returns {what: path} of the files written,
-  and "step"."""
+MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size of save_pretrained
+
+
+def _hf_tensor(rules, flat, num_layers: int) -> np.ndarray:
+  """One HF tensor from the lmjax params of its parts, each gathered alone (a scanned param's
+  one layer at a time)."""
+  pieces = []
+  for rule in rules:
+    path = rule.lmjax
+    if path.startswith("layer_") and path not in flat:  # scanned: layers/x[i]
+      layer, rest = path[len("layer_"):].split("/", 1)
+      x = to_host(flat["layers/" + rest][int(layer)])
+    else:
+      x = to_host(flat[path])
+    pieces.append(mapping.to_hf(rule, x))
+  return np.ascontiguousarray(np.concatenate(pieces, -1).astype(np.float32))
+
+
+def _shard_plan(by_name: dict, sizes: dict, max_bytes: int) -> list[list[str]]:
+  """HF tensor names grouped into files of at most `max_bytes` (a bigger tensor gets its own)."""
+  shards, used = [[]], 0
+  for name in by_name:
+    if shards[-1] and used + sizes[name] > max_bytes:
+      shards.append([])
+      used = 0
+    shards[-1].append(name)
+    used += sizes[name]
+  return shards
+
+
+def _write_weights(out_dir: str, flat: dict, rules, num_layers: int, shapes: dict,
+                   max_bytes: int) -> str:
+  """float32 safetensors, one HF tensor gathered at a time and one file of at most `max_bytes`
+  held at a time: model.safetensors, or model-0000k-of-0000n.safetensors and their index.json.
+  Every process gathers (a collective); process 0 writes. Returns the weights' path."""
   from safetensors.numpy import save_file
+  by_name: dict[str, list] = {}
+  for rule in rules:
+    by_name.setdefault(rule.hf, []).append(rule)
+  unmapped = sorted(set(shapes) - {rule.lmjax for rule in rules})
+  if unmapped:
+    raise ConversionError(f"lmjax param(s) {', '.join(unmapped)} have no HF equivalent.")
+  sizes = {name: 4 * int(np.prod(mapping.hf_shape(rs[0], shapes[rs[0].lmjax][0])))
+           for name, rs in by_name.items()}
+  shards = _shard_plan({n: sorted(rs, key=lambda r: r.part) for n, rs in by_name.items()},
+                       sizes, max_bytes)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  for file_name, members in zip(names, shards):
+    tensors = {n: _hf_tensor(sorted(by_name[n], key=lambda r: r.part), flat, num_layers)
+               for n in members}
+    if jax.process_index() == 0:
+      save_file(tensors, os.path.join(out_dir, file_name), metadata={"format": "pt"})
+    del tensors
+  if len(shards) == 1:
+    return os.path.join(out_dir, names[0])
+  index = os.path.join(out_dir, "model.safetensors.index.json")
+  if jax.process_index() == 0:
+    with open(index, "w") as f:
+      json.dump({"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {n: file_name for file_name, members in zip(names, shards)
+                                for n in members}}, f, indent=2, sort_keys=True)
+  return index
+
+
+def export_hf(workdir: str, out_dir: str, step: int | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+  """lmjax run (latest checkpoint, or `step`) -> HF directory with config.json, float32
+  safetensors (one file, or shards of at most `max_shard_bytes` with their index) and the run's
+  tokenizer.model. The tensors are gathered and converted one at a time, so a host holds one
+  shard file's worth of them, not the model. Returns {what: path} of the files written, and
+  "step"."""
   _check_exportable(workdir_lib.load_config(workdir), workdir)  # before restoring anything
-  cfg, _, params, step = builder.load_params(workdir, step)
+  cfg, run, params, step = builder.load_params(workdir, step)
   tokenizer = workdir_lib.tokenizer_path(cfg, workdir)
   tokenizer = tokenizer if os.path.isfile(tokenizer) else None
   config = configs.hf_config(cfg, _special_ids(tokenizer))
-  flat = unstack_layers(flatten(jax.tree_util.tree_map(to_host, params)), cfg.model.num_layers)
-  tensors = mapping.params_to_hf(flat, mapping.rules_for(cfg.model))
   written = {}
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
+  shapes = unscanned_shapes(run.abstract_state.params, cfg.model.num_layers)
+  written["weights"] = _write_weights(out_dir, flatten(params), mapping.rules_for(cfg.model),
+                                      cfg.model.num_layers, shapes, max_shard_bytes)
+  if jax.process_index() == 0:
     written["config"] = os.path.join(out_dir, "config.json")
     with open(written["config"], "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
-    written["weights"] = os.path.join(out_dir, "model.safetensors")
-    save_file(tensors, written["weights"], metadata={"format": "pt"})
     if tokenizer:
       written["tokenizer"] = os.path.join(out_dir, workdir_lib.TOKENIZER)
       shutil.copyfile(tokenizer, written["tokenizer"])

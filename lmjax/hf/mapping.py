@@ -153,16 +153,3 @@ def hf_to_params(tensors: dict, rules: Sequence[Rule], shapes: dict) -> dict:
   if unmapped:  # a model.py param the rules do not know: this file needs updating
     raise ConversionError(f"No HF tensor maps to lmjax param(s) {', '.join(unmapped)}.")
   return params
-
-
-def params_to_hf(params: dict, rules: Sequence[Rule]) -> dict:
-  """Flat unscanned lmjax params -> {HF name: float32 array}."""
-  parts: dict[str, dict[int, np.ndarray]] = {}
-  for rule in rules:
-    parts.setdefault(rule.hf, {})[rule.part] = to_hf(rule, np.asarray(params[rule.lmjax]))
-  unmapped = sorted(set(params) - {rule.lmjax for rule in rules})
-  if unmapped:
-    raise ConversionError(f"lmjax param(s) {', '.join(unmapped)} have no HF equivalent.")
-  return {name: np.ascontiguousarray(np.concatenate([p[j] for j in sorted(p)], -1)
-                                     .astype(np.float32))
-          for name, p in parts.items()}
