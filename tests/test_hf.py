@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import jax  # noqa: E402
 
+from conftest import run_python  # noqa: E402
 from lmjax import builder, commands, hf  # noqa: E402
 from lmjax import train as train_lib  # noqa: E402
 from lmjax import workdir as workdir_lib  # noqa: E402
@@ -153,6 +154,54 @@ def test_export_loads_in_transformers_and_round_trips(models, kind, tmp_path, ca
   assert all(again[k].tobytes() == exported[k].tobytes() for k in exported)
   assert ((tmp_path / "out" / "config.json").read_text() ==
           (tmp_path / "out2" / "config.json").read_text())
+
+
+SHARDED_IMPORT = """
+import sys, json
+import numpy as np
+sys.path.insert(0, TESTS)
+from test_hf import lmjax_logits, TOKENS
+from lmjax import hf
+from lmjax.hf import files
+reads, real = [], files.Tensors.read
+def read(self, name, index=()):
+  out = real(self, name, index)
+  reads.append((name, out.size, int(np.prod(self.shape(name)))))
+  return out
+files.Tensors.read = read
+out = {}
+for kind, path in DIRS.items():
+  reads.clear()
+  hf.import_hf(path, path + "_sharded_SCAN", config_overrides=[
+      "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "model.scan_layers=SCAN"])
+  logits = lmjax_logits(path + "_sharded_SCAN", np.tile(TOKENS, (4, 1)))[0][:len(TOKENS)]
+  out[kind] = {"logits": logits.tolist(),
+               "whole": sorted({n for n, got, size in reads if got == size}),
+               "read": sum(got for _, got, _ in reads), "size": sum(
+                   {n: size for n, _, size in reads}.values())}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sharded_import_reads_each_device_block_alone(models, tmp_path, scan):
+  """On fsdp=4 x tensor=2 (8 devices), each device's block of a param is read from the file by
+  itself (not the whole tensor), and the logits are HF's."""
+  dirs = {kind: str(models.hf(kind)[1]) for kind in ("gpt2", "llama_gqa")}
+  code = (SHARDED_IMPORT.replace("TESTS", repr(os.path.dirname(__file__)))
+          .replace("DIRS", repr(dirs)).replace("SCAN", str(scan).lower()))
+  out = run_python(code, devices=8)
+  for kind in dirs:
+    model = models.hf(kind)[0]
+    assert max_diff(np.asarray(out[kind]["logits"]), hf_logits(model)) < TOL, kind
+    # the matrices split over fsdp/tensor are never read whole; only replicated vectors (norms,
+    # biases) and GPT-2's position table (no sharded axis) are
+    whole = out[kind]["whole"]
+    assert not any(n.endswith(("q_proj.weight", "up_proj.weight", "down_proj.weight",
+                               "c_fc.weight", "c_attn.weight", "embed_tokens.weight",
+                               "wte.weight")) for n in whole), whole
+    # 8 devices read 8 blocks; a block of an (fsdp 4 x tensor 2)-split matrix is 1/8 of it
+    assert out[kind]["read"] < 8 * out[kind]["size"]
 
 
 def test_export_writes_shards_of_a_max_size_with_an_index(models, tmp_path):

@@ -25,7 +25,7 @@ from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import ConversionError
 from lmjax.hf import configs, files, mapping
 from lmjax.losses import objective
-from lmjax.trees import (flatten, stack_layers, to_host, unflatten, unscanned_shapes)
+from lmjax.trees import (flatten, to_host, unflatten, unscanned_shapes)
 
 
 def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()):
@@ -47,12 +47,12 @@ def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()
   c = cfg.model
   rules = mapping.rules_for(c)
   shapes = unscanned_shapes(run.abstract_state.params, c.num_layers)
-  tensors = files.read_tensors(tensor_files)
-  tensors = files.drop_tied_head(files.normalize_names(tensors, hf["model_type"]), rules)
-  flat = mapping.hf_to_params(tensors, rules, shapes)
-  del tensors
-  if c.scan_layers:
-    flat = stack_layers(flat, c.num_layers)
+  tensors = files.Tensors(tensor_files, files.gpt2_names(hf["model_type"]))
+  mapping.check_tensors(tensors, rules, shapes)  # from the headers, before reading any tensor
+  files.check_tied_head(tensors, rules)
+  by_path = {rule.lmjax: rule for rule in rules}
+  flat = {path: LazyParam(x.shape, x.dtype, by_path, tensors, path)
+          for path, x in flatten(run.abstract_state.params).items()}
   run = builder.build(cfg, run.objective, builder.FromParams(unflatten(flat)))
   with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir),
                                  cfg.train.keep_checkpoints) as checkpoints:
@@ -63,6 +63,26 @@ def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()
       shutil.copyfile(sp_model, tokenizer_path)
     workdir_lib.write_config(cfg, workdir)
   return cfg
+
+
+class LazyParam:
+  """An lmjax param read from the HF tensors block by block: `make_array_from_callback` asks for
+  the block each of this process's devices holds, and only that block is read and converted (a
+  scanned param's layers one at a time)."""
+
+  def __init__(self, shape, dtype, by_path: dict, tensors, path: str):
+    self.shape, self.dtype, self.path = tuple(shape), dtype, path
+    self._by_path, self._tensors = by_path, tensors
+
+  def __getitem__(self, index: tuple) -> np.ndarray:
+    if not self.path.startswith("layers/"):
+      rule = self._by_path[self.path]
+      return mapping.read_param(rule, self._tensors, self.shape, index).astype(self.dtype)
+    index = index + (slice(None),) * (len(self.shape) - len(index))
+    rest = self.path[len("layers/"):]
+    return np.stack([mapping.read_param(self._by_path[f"layer_{i}/{rest}"], self._tensors,
+                                        self.shape[1:], index[1:]).astype(self.dtype)
+                     for i in range(*index[0].indices(self.shape[0]))])
 
 
 def _special_ids(tokenizer: str | None) -> dict:

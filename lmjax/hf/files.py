@@ -56,32 +56,48 @@ def tensor_files(hf_dir: str) -> list[str]:
   raise ConversionError(f"'{hf_dir}' has no model.safetensors or model.safetensors.index.json.")
 
 
-def read_tensors(files: Sequence[str]) -> dict:
-  """{name: numpy array} of every tensor, bfloat16 included (read through JAX on the CPU:
-  safetensors' numpy reader has no bfloat16)."""
-  from safetensors import safe_open
-  tensors = {}
-  with jax.default_device(jax.devices("cpu")[0]):
-    for path in files:
-      with safe_open(path, framework="flax") as f:
-        for name in f.keys():
-          tensors[name] = np.asarray(f.get_tensor(name))
-  return tensors
+class Tensors:
+  """The tensors of safetensors files, read lazily: `shape(name)`, and `read(name, index)` for a
+  slice of one (only those bytes are read; bfloat16 through JAX on the CPU, as safetensors' numpy
+  reader has none). Names are as in the checkpoint, or normalized by `rename`."""
+
+  def __init__(self, files: Sequence[str], rename=lambda names: {n: n for n in names}):
+    from safetensors import safe_open
+    self._handles = [safe_open(path, framework="flax") for path in files]
+    stored = {name: k for k, h in enumerate(self._handles) for name in h.keys()}
+    self._names = {new: (old, stored[old]) for old, new in rename(list(stored)).items()}
+
+  def keys(self):
+    return self._names.keys()
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._names
+
+  def shape(self, name: str) -> tuple:
+    old, k = self._names[name]
+    return tuple(self._handles[k].get_slice(old).get_shape())
+
+  def read(self, name: str, index: tuple = ()) -> np.ndarray:
+    old, k = self._names[name]
+    with jax.default_device(jax.devices("cpu")[0]):
+      piece = self._handles[k].get_slice(old)
+      return np.asarray(piece[index] if index else piece[:])
 
 
-def normalize_names(tensors: dict, model_type: str) -> dict:
+def gpt2_names(model_type: str):
   """Old GPT-2 checkpoints (the original `gpt2` on the Hub) lack the `transformer.` prefix."""
-  if model_type == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
-    return {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in tensors.items()}
-  return tensors
+  def rename(names):
+    if model_type == "gpt2" and not any(k.startswith("transformer.") for k in names):
+      return {k: (k if k.startswith("lm_head.") else "transformer." + k) for k in names}
+    return {k: k for k in names}
+  return rename
 
 
-def drop_tied_head(tensors: dict, rules: Sequence[Rule]) -> dict:
+def check_tied_head(tensors: Tensors, rules: Sequence[Rule]) -> None:
   """Some tied checkpoints also store lm_head.weight: accept it only if it is the embedding."""
   if "lm_head.weight" not in tensors or any(r.hf == "lm_head.weight" for r in rules):
-    return tensors
-  embed = tensors[next(r.hf for r in rules if r.lmjax == "embed/embedding")]
-  if not np.array_equal(tensors["lm_head.weight"], embed):
+    return
+  embed = tensors.read(next(r.hf for r in rules if r.lmjax == "embed/embedding"))
+  if not np.array_equal(tensors.read("lm_head.weight"), embed):
     raise ConversionError("config.json says tie_word_embeddings=true, but lm_head.weight differs "
                           "from the input embedding. Set tie_word_embeddings to false.")
-  return {k: v for k, v in tensors.items() if k != "lm_head.weight"}

@@ -124,32 +124,64 @@ def to_hf(rule: Rule, param: np.ndarray) -> np.ndarray:
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-def hf_to_params(tensors: dict, rules: Sequence[Rule], shapes: dict) -> dict:
-  """HF tensors -> flat lmjax params {path: array}, every name and shape checked.
-
-  `shapes` maps each unscanned lmjax path to its (shape, dtype) in the model the config builds.
-  """
-  params = {}
+def check_tensors(tensors, rules: Sequence[Rule], shapes: dict) -> None:
+  """Every tensor the rules need is there with the shape the model needs, and nothing else is:
+  from the files' headers alone, before any tensor is read. `shapes` maps each unscanned lmjax
+  path to its (shape, dtype) in the model the config builds."""
   for rule in rules:
     if rule.hf not in tensors:
       raise ConversionError(f"The checkpoint has no tensor '{rule.hf}', which the model in its "
                             f"config.json needs (for lmjax '{rule.lmjax}').")
-    shape, dtype = shapes[rule.lmjax]
-    want, got = hf_shape(rule, shape), tuple(tensors[rule.hf].shape)
+    shape = shapes[rule.lmjax][0]
+    want, got = hf_shape(rule, shape), tensors.shape(rule.hf)
     if got != want:
       raise ConversionError(
           f"Tensor '{rule.hf}' has shape {list(got)}, but the model described by config.json "
           f"needs {list(want)} (lmjax '{rule.lmjax}' {list(shape)}): config.json and the weights "
           "disagree. Fix config.json or use the matching weights.")
-    params[rule.lmjax] = to_lmjax(rule, np.asarray(tensors[rule.hf]), shape).astype(dtype)
   used = {rule.hf for rule in rules}
-  unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
+  unexpected = sorted(k for k in tensors.keys()
+                      if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if unexpected:
     raise ConversionError(
         f"The checkpoint has {len(unexpected)} tensor(s) this architecture does not use: "
         f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}. lmjax converts "
         "plain causal LMs (GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM) only.")
-  unmapped = sorted(set(shapes) - set(params))
+  unmapped = sorted(set(shapes) - {rule.lmjax for rule in rules})
   if unmapped:  # a model.py param the rules do not know: this file needs updating
     raise ConversionError(f"No HF tensor maps to lmjax param(s) {', '.join(unmapped)}.")
-  return params
+
+
+def _group_range(axes: Sequence[slice], dims: Sequence[int]) -> tuple[int, int, bool]:
+  """The flat (row-major) range of a block of a group of axes: (start, stop, exact). Exact when
+  only the first axis is cut; otherwise the whole group's range (to be cut after reading)."""
+  rest = math.prod(dims[1:])
+  if all(a == slice(0, d) for a, d in zip(axes[1:], dims[1:])):
+    return axes[0].start * rest, axes[0].stop * rest, True
+  return 0, math.prod(dims), False
+
+
+def read_param(rule: Rule, tensors, shape: tuple, index: tuple) -> np.ndarray:
+  """The block `index` of lmjax param `rule.lmjax` (of `shape`), reading only the rows and columns
+  of the HF tensor that hold it (all of a group of axes that is cut other than on its first)."""
+  index = tuple(slice(*i.indices(d)[:2])
+                for i, d in zip(index + (slice(None),) * (len(shape) - len(index)), shape))
+  split = rule.n_in if rule.n_in else len(shape)
+  groups = [(index[:split], shape[:split])] + ([(index[split:], shape[split:])] if rule.n_in else [])
+  ranges = [_group_range(a, d) for a, d in groups]
+  width = math.prod(shape[split:]) if rule.n_in else math.prod(shape)  # one part's last axis
+  last = ranges[-1]
+  hf_index = [slice(r[0], r[1]) for r in ranges[:-1]] + [
+      slice(last[0] + rule.part * width, last[1] + rule.part * width)]
+  block = tensors.read(rule.hf, tuple(hf_index[::-1]) if rule.transpose else tuple(hf_index))
+  if rule.transpose:
+    block = block.T
+  read_shape, cut = [], []
+  for (axes, dims), (_, _, exact) in zip(groups, ranges):
+    if exact:
+      read_shape += [axes[0].stop - axes[0].start, *dims[1:]]
+      cut += [slice(None)] * len(dims)
+    else:
+      read_shape += list(dims)
+      cut += list(axes)
+  return block.reshape(read_shape)[tuple(cut)]
