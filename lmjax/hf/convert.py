@@ -1,10 +1,12 @@
 """Hugging Face checkpoints <-> lmjax runs.
 
-`import_hf` reads `config.json` and the safetensors weights, builds the matching lmjax config, maps
-every tensor onto the lmjax param tree (each shape checked against the model the config builds)
-and writes an lmjax run: `config.json` and an Orbax checkpoint at step 0 with a fresh optimizer
-state, which `lmjax eval`, `generate`, `finetune` and `train` (continued pretraining) read.
-`export_hf` writes a run back as `config.json` + float32 `model.safetensors` that
+`import_hf` reads `config.json` and the safetensors headers, builds the matching lmjax config,
+checks every tensor's name and shape against the model the config builds, then places each
+device's block of each param straight from the file (`LazyParam`: only that block is read) and
+writes an lmjax run: `config.json` and an Orbax checkpoint at step 0 with a fresh optimizer state,
+which `lmjax eval`, `generate`, `finetune` and `train` (continued pretraining) read.
+`export_hf` writes a run back as `config.json` + float32 safetensors (sharded with an index past
+`max_shard_bytes`), gathering one tensor at a time, that
 `transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or unexpected keys.
 Neither needs torch or transformers; the tests use them to check logits against the HF models.
 """
