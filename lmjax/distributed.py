@@ -54,13 +54,6 @@ def reached_preemption_sync_point(step: int) -> bool:
   return multihost_utils.reached_preemption_sync_point(step)
 
 
-def sync(name: str) -> None:
-  """A barrier across processes (no-op with one)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def _client():
   # the coordination service's key-value store (what Orbax and the preemption sync use); jax has
   # no public name for it

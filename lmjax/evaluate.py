@@ -6,6 +6,7 @@ over batches and hand the sums to `objective.summarize`.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -64,12 +65,18 @@ def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
 def _with_scored_bytes(run, eval_step, workdir: str):
   """eval_step plus "bytes": the UTF-8 bytes of the batch's target tokens, summed on the mesh
   (each global row once, however the rows are spread over processes)."""
-  table = data_lib.token_bytes(data_lib.load_tokenizer(
-      workdir_lib.tokenizer_path(run.cfg, workdir)))
-  count = jax.jit(lambda batch: jnp.asarray(table)[batch["tokens"][:, 1:]].sum(dtype=jnp.float32),
-                  in_shardings=(run.batch_shardings,),
-                  out_shardings=sharding_lib.replicated(run.mesh))
-  return lambda params, batch: {**eval_step(params, batch), "bytes": count(batch)}
+  count = _bytes_counter(workdir_lib.tokenizer_path(run.cfg, workdir),
+                         run.batch_shardings["tokens"])
+  return lambda params, batch: {**eval_step(params, batch), "bytes": count(batch["tokens"])}
+
+
+@functools.lru_cache(maxsize=8)
+def _bytes_counter(tokenizer_path: str, sharding):
+  """tokens [B, T + 1] -> the UTF-8 bytes of tokens[:, 1:], jitted once per tokenizer and
+  sharding (not again at every periodic eval)."""
+  table = jnp.asarray(data_lib.token_bytes(data_lib.load_tokenizer(tokenizer_path)))
+  return jax.jit(lambda tokens: table[tokens[:, 1:]].sum(dtype=jnp.float32),
+                 in_shardings=(sharding,), out_shardings=sharding_lib.replicated(sharding.mesh))
 
 
 def evaluate_rows(run, eval_step, params, rows: dict) -> dict:

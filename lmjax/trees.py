@@ -27,27 +27,6 @@ def unflatten(flat: dict) -> dict:
   return tree
 
 
-def unstack_layers(flat: dict, num_layers: int) -> dict:
-  """`layers/x` with a leading layer axis -> `layer_{i}/x` (no-op for unscanned params)."""
-  out = {}
-  for path, value in flat.items():
-    if path.startswith("layers/"):
-      for i in range(num_layers):
-        out[f"layer_{i}/" + path[len("layers/"):]] = value[i]
-    else:
-      out[path] = value
-  return out
-
-
-def stack_layers(flat: dict, num_layers: int) -> dict:
-  """`layer_{i}/x` -> `layers/x` stacked on a leading layer axis."""
-  out = {p: v for p, v in flat.items() if not p.startswith("layer_")}
-  for path in (p for p in flat if p.startswith("layer_0/")):
-    rest = path[len("layer_0/"):]
-    out["layers/" + rest] = np.stack([flat[f"layer_{i}/{rest}"] for i in range(num_layers)])
-  return out
-
-
 def unscanned_shapes(abstract_params, num_layers: int) -> dict:
   """{unscanned path: (shape, dtype)} of abstract params, scanned or not."""
   shapes = {}

@@ -218,7 +218,8 @@ def load_task_data(cfg) -> TaskData:
 
 
 class RowIterator:
-  """This process's `process_rows` (None: all) of global batches of rows, shuffled and reshuffled every epoch by the
+  """This process's `process_rows` (None: all) of global batches of rows, shuffled and reshuffled
+  every epoch by the
   seed: the loader's Grain pipeline over row ids (state: the next batch's index)."""
 
   def __init__(self, rows: dict, batch_size: int, seed: int, process_rows=None):

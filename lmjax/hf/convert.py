@@ -109,7 +109,7 @@ def _check_exportable(cfg, workdir: str) -> None:
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size of save_pretrained
 
 
-def _hf_tensor(rules, flat, num_layers: int) -> np.ndarray:
+def _hf_tensor(rules, flat) -> np.ndarray:
   """One HF tensor from the lmjax params of its parts, each gathered alone (a scanned param's
   one layer at a time)."""
   pieces = []
@@ -124,10 +124,10 @@ def _hf_tensor(rules, flat, num_layers: int) -> np.ndarray:
   return np.ascontiguousarray(np.concatenate(pieces, -1).astype(np.float32))
 
 
-def _shard_plan(by_name: dict, sizes: dict, max_bytes: int) -> list[list[str]]:
+def _shard_plan(sizes: dict, max_bytes: int) -> list[list[str]]:
   """HF tensor names grouped into files of at most `max_bytes` (a bigger tensor gets its own)."""
   shards, used = [[]], 0
-  for name in by_name:
+  for name in sizes:
     if shards[-1] and used + sizes[name] > max_bytes:
       shards.append([])
       used = 0
@@ -136,27 +136,24 @@ def _shard_plan(by_name: dict, sizes: dict, max_bytes: int) -> list[list[str]]:
   return shards
 
 
-def _write_weights(out_dir: str, flat: dict, rules, num_layers: int, shapes: dict,
-                   max_bytes: int) -> str:
+def _write_weights(out_dir: str, flat: dict, rules, shapes: dict, max_bytes: int) -> str:
   """float32 safetensors, one HF tensor gathered at a time and one file of at most `max_bytes`
   held at a time: model.safetensors, or model-0000k-of-0000n.safetensors and their index.json.
   Every process gathers (a collective); process 0 writes. Returns the weights' path."""
   from safetensors.numpy import save_file
   by_name: dict[str, list] = {}
-  for rule in rules:
+  for rule in sorted(rules, key=lambda r: r.part):  # a fused tensor's parts in order
     by_name.setdefault(rule.hf, []).append(rule)
   unmapped = sorted(set(shapes) - {rule.lmjax for rule in rules})
   if unmapped:
     raise ConversionError(f"lmjax param(s) {', '.join(unmapped)} have no HF equivalent.")
   sizes = {name: 4 * int(np.prod(mapping.hf_shape(rs[0], shapes[rs[0].lmjax][0])))
            for name, rs in by_name.items()}
-  shards = _shard_plan({n: sorted(rs, key=lambda r: r.part) for n, rs in by_name.items()},
-                       sizes, max_bytes)
+  shards = _shard_plan(sizes, max_bytes)
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
   for file_name, members in zip(names, shards):
-    tensors = {n: _hf_tensor(sorted(by_name[n], key=lambda r: r.part), flat, num_layers)
-               for n in members}
+    tensors = {n: _hf_tensor(by_name[n], flat) for n in members}
     if jax.process_index() == 0:
       save_file(tensors, os.path.join(out_dir, file_name), metadata={"format": "pt"})
     del tensors
@@ -188,7 +185,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None,
     os.makedirs(out_dir, exist_ok=True)
   shapes = unscanned_shapes(run.abstract_state.params, cfg.model.num_layers)
   written["weights"] = _write_weights(out_dir, flatten(params), mapping.rules_for(cfg.model),
-                                      cfg.model.num_layers, shapes, max_shard_bytes)
+                                      shapes, max_shard_bytes)
   if jax.process_index() == 0:
     written["config"] = os.path.join(out_dir, "config.json")
     with open(written["config"], "w") as f:

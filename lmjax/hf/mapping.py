@@ -108,11 +108,6 @@ def hf_shape(rule: Rule, shape: tuple) -> tuple:
   return dims[:-1] + (dims[-1] * rule.parts,)
 
 
-def to_lmjax(rule: Rule, tensor: np.ndarray, shape: tuple) -> np.ndarray:
-  part = np.split(tensor, rule.parts, axis=-1)[rule.part] if rule.parts > 1 else tensor
-  return (part.T if rule.transpose else part).reshape(shape)
-
-
 def to_hf(rule: Rule, param: np.ndarray) -> np.ndarray:
   """This rule's part of the HF tensor (`export` concatenates the parts of fused tensors)."""
   dims = _hf_dims(rule, param.shape)
