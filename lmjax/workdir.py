@@ -6,8 +6,8 @@ a workdir (the one compatibility check).
     checkpoints/STEP/            Orbax: params, optimizer state, step, RNG and the data position
                                  (for a fine-tuning: its final params as a plain run)
     finetune/checkpoints/STEP/   a fine-tuning's own state: base, adapters, head, optimizer, data
-    data/                        prepared data (data.prepared_dir; on a local disk for gs://
-                                 workdirs): tokenizer.model, index.json, token shards
+    data/                        prepared data (or data.prepared_dir; local or in a bucket):
+                                 tokenizer.model, index.json, token shards
     metrics.jsonl, events.*      metrics (JSON lines) and TensorBoard events
     classifier.npz               a classification fine-tuning's head, labels and pooling
     result.json                  a sweep point's final numbers
@@ -16,8 +16,10 @@ a workdir (the one compatibility check).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from typing import Sequence
 
 from etils import epath
@@ -87,13 +89,38 @@ def plots_dir(sweep_dir: str) -> str:
 
 
 def prepared_dir(cfg, workdir: str) -> str:
-  """data.prepared_dir, else WORKDIR/data; for a workdir in a bucket a local cache directory
-  (memmaps need a local disk: each host keeps its own copy of the shards)."""
-  if cfg.data.prepared_dir:
-    return cfg.data.prepared_dir
-  if "://" in workdir:
-    return os.path.join(os.path.expanduser("~/.cache/lmjax/data"), workdir.split("://", 1)[1])
-  return os.path.join(workdir, DATA)
+  """data.prepared_dir, else WORKDIR/data: shared storage (a bucket, NFS) on a multi-host run."""
+  return cfg.data.prepared_dir or os.path.join(str(workdir), DATA)
+
+
+def is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def cache_dir() -> str:
+  """Where each host keeps its local copies of files in a bucket: $LMJAX_CACHE, else
+  ~/.cache/lmjax."""
+  return os.path.expanduser(os.environ.get("LMJAX_CACHE") or "~/.cache/lmjax")
+
+
+def local_copy(path: str, version: str = "") -> str:
+  """A local file with the bytes of `path`, for readers that need one (memory maps): `path`
+  itself if it is local, else a copy in this host's cache, downloaded once and kept while it has
+  the file's size. `version` (e.g. the prepared data's fingerprint) is part of the copy's key, so
+  a file that was rewritten under the same name is fetched again."""
+  if not is_remote(path):
+    return path
+  source = epath.Path(path)
+  key = hashlib.sha256(f"{path}\0{version}".encode()).hexdigest()[:16]
+  local = os.path.join(cache_dir(), "files", key, source.name)
+  size = source.stat().length
+  if not (os.path.isfile(local) and os.path.getsize(local) == size):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    partial = f"{local}.{os.getpid()}.tmp"
+    with source.open("rb") as src, open(partial, "wb") as dst:
+      shutil.copyfileobj(src, dst, 1 << 24)
+    os.replace(partial, local)  # whole files only, whatever other process reads the cache
+  return local
 
 
 def tokenizer_path(cfg, workdir: str) -> str:

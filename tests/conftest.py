@@ -55,3 +55,16 @@ def run_cli(*args, timeout: int = 600, env=None):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """gs:// served from a local directory (tests/fake_gcs.py), with this host's cache of bucket
+  files in tmp_path/cache; returns the directory that holds the buckets."""
+  import fake_gcs
+  root = tmp_path / "gcs"
+  root.mkdir()
+  monkeypatch.setenv("LMJAX_CACHE", str(tmp_path / "cache"))
+  fake_gcs.install(str(root))
+  yield root
+  fake_gcs.uninstall()

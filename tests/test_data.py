@@ -374,3 +374,36 @@ def test_make_iterator_prepares_a_fresh_workdir(tmp_path, corpus):
   cfg.data.seq_len = 10_000
   with pytest.raises(ValueError, match="fewer than one window"):
     data.make_iterator(cfg, str(tmp_path), "val")
+
+
+# --- a corpus and prepared data in a bucket -----------------------------------------------------
+
+def test_corpus_glob_tokenizer_and_shards_in_a_bucket(bucket, tmp_path, corpus):
+  """text:gs://... globs, the tokenizer trained into a gs:// prepared dir, shards written there
+  and read through this host's local copy: the same tokens as all-local files."""
+  import shutil
+  directory, _ = corpus
+  shutil.copytree(directory, bucket / "b" / "corpus")
+  with gzip.open(bucket / "b" / "corpus" / "extra.jsonl.gz", "wt") as f:
+    f.write(json.dumps({"text": "x = 1\n"}) + "\n")
+  shutil.copytree(bucket / "b" / "corpus", tmp_path / "local")
+  remote = make_cfg("text:gs://b/corpus/*", prepared_dir="gs://b/data", shard_tokens=1000)
+  local = make_cfg(f"text:{tmp_path}/local/*", shard_tokens=1000)
+  assert sources.text_files(remote.data.source[5:])[-1] == "gs://b/corpus/extra.jsonl.gz"
+  assert list(sources.iter_documents(remote)) == list(sources.iter_documents(local))
+
+  index = data.prepare(remote, "")
+  assert (bucket / "b" / "data" / "tokenizer.model").is_file()
+  reference = data.prepare(local, str(tmp_path / "run"))
+  assert index["splits"] == reference["splits"] and len(index["splits"]["train"]["shards"]) > 1
+  for shard in index["splits"]["train"]["shards"]:
+    assert (bucket / "b" / "data" / shard["file"]).read_bytes() == (
+        tmp_path / "run" / "data" / shard["file"]).read_bytes()
+  assert data.is_prepared(remote, "") and data.prepare(remote, "") == index  # rerun: no-op
+  got = take(data.make_iterator(remote, "", "train"), 3)
+  want = take(data.make_iterator(local, str(tmp_path / "run"), "train"), 3)
+  np.testing.assert_array_equal(got, want)
+  cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.bin"))
+  assert cached == sorted(s["file"] for s in index["splits"]["train"]["shards"])
+  with pytest.raises(ValueError, match=r"`\*\*` is not supported"):
+    sources.text_files("gs://b/**/*.txt")

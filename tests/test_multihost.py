@@ -1,6 +1,7 @@
 """Multi-host on one machine: two processes with 2 or 4 CPU devices each, gloo collectives."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,18 +27,23 @@ def env_with(devices):
   return env
 
 
-def launch(command, args, logdir, processes=2, devices=4):
+def launch(command, args, logdir, processes=2, devices=4, gcs_root=None):
   """Starts `lmjax COMMAND` in `processes` processes that form one JAX cluster; their output goes
-  to files (pipes could fill up and stall one process, and with it the collectives)."""
+  to files (pipes could fill up and stall one process, and with it the collectives). With
+  `gcs_root`, gs:// paths are served from that directory (tests/fake_gcs.py) in every process."""
   port = portpicker.pick_unused_port()
+  main = ["-m", "lmjax"] if gcs_root is None else ["-c", (
+      f"import sys; sys.path.insert(0, 'tests'); import fake_gcs; fake_gcs.install({str(gcs_root)!r}); "
+      "from lmjax.commands import main; main()")]
   procs = []
   for i in range(processes):
     log = open(os.path.join(logdir, f"{command}.{len(os.listdir(logdir))}.log"), "w+")
     procs.append((subprocess.Popen(
-        [sys.executable, "-m", "lmjax", command, *args,
+        [sys.executable, *main, command, *args,
          f"--config.distributed.coordinator_address=localhost:{port}",
          f"--config.distributed.num_processes={processes}", f"--config.distributed.process_id={i}"],
-        cwd=ROOT, env=env_with(devices), stdout=log, stderr=subprocess.STDOUT, text=True), log))
+        cwd=ROOT, env=dict(env_with(devices), LMJAX_CACHE=os.path.join(logdir, f"cache{i}")),
+        stdout=log, stderr=subprocess.STDOUT, text=True), log))
   return procs
 
 
@@ -129,17 +135,28 @@ def test_every_mesh_feeds_the_global_batch_and_data_is_prepared_once(reference, 
   root, source = reference
   want = losses(root / "one")
   want_val = losses(root / "one", "val")
+  # the first launch reads the corpus from a bucket and prepares the data into it (gs:// served
+  # from a local directory); the others read the reference's prepared data
+  gcs = tmp_path / "gcs"
+  shutil.copytree(root / "corpus", gcs / "b" / "corpus")
   for i, (name, mesh) in enumerate(MESHES.items()):
     workdir = tmp_path / f"mesh{i}"
-    # the first launch prepares its own (shared) workdir; the others read the reference's data
-    data = [] if i == 0 else [f"--config.data.prepared_dir={root / 'one' / 'data'}"]
-    outs = finish(launch("train", TEXT + [source, f"--workdir={workdir}"] + mesh + data,
-                         tmp_path, devices=2))
+    data = [f"--config.data.prepared_dir={root / 'one' / 'data'}", source]
+    if i == 0:
+      data = ["--config.data.prepared_dir=gs://b/data", "--config.data.source=text:gs://b/corpus/*"]
+    outs = finish(launch("train", TEXT + [f"--workdir={workdir}"] + mesh + data, tmp_path,
+                         devices=2, gcs_root=gcs if i == 0 else None))
     assert losses(workdir) == pytest.approx(want, rel=2e-5, abs=2e-5), name
     assert losses(workdir, "val") == pytest.approx(want_val, rel=2e-5, abs=2e-5), name
     if i == 0:  # one process tokenized; the other waited, then checked the same shards
-      assert [("prepare text:" in out) for out in outs] == [True, False]
-      assert json.loads((workdir / "data" / "index.json").read_text())["splits"]["train"]["tokens"]
+      assert [("prepare text:gs://" in out) for out in outs] == [True, False]
+      index = json.loads((gcs / "b" / "data" / "index.json").read_text())
+      assert index["splits"] == json.loads((root / "one" / "data" / "index.json").read_text())[
+          "splits"]
+      assert not (workdir / "data").exists()
+      for host in (0, 1):  # each host memory-mapped its own local copy of the shards
+        assert {p.name for p in (tmp_path / f"cache{host}").rglob("*.bin")} == {
+            s["file"] for split in index["splits"].values() for s in split["shards"]}
 
 
 def test_fine_tuning_on_meshes_across_processes(reference, tmp_path):

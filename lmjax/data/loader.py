@@ -9,13 +9,16 @@ inputs are window[:-1], targets window[1:], so no target is skipped between wind
   -> prefetch threads
 
 Every process builds the same global sequence of window ids and reads only the rows its devices
-hold, so P processes together see exactly the batches of a 1-process run, on any mesh. The iterator's state is Grain's (the index of
-the next global batch), hence tiny, JSON-serializable and independent of the process count.
+hold, so P processes together see exactly the batches of a 1-process run, on any mesh. Shards in
+a bucket (gs://...) are memory-mapped from a copy on each host's disk (`workdir.local_copy`),
+fetched once. The iterator's state is Grain's (the index of the next global batch), hence tiny,
+JSON-serializable and independent of the process count.
 The val split is read in order from its first window each time an iterator is made; it wraps around
 (so any number of eval batches can be drawn; `batches_per_epoch` tells how many are distinct).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import grain
@@ -83,7 +86,9 @@ class TokenIterator:
                         f"{-(-index['vocab_size'] // 128) * 128}.")
     shards = index["splits"][split]["shards"]
     directory = workdir_lib.prepared_dir(cfg, workdir)
-    self.windows = TokenWindows([os.path.join(directory, s["file"]) for s in shards],
+    version = json.dumps([index["fingerprint"], shards], sort_keys=True)
+    self.windows = TokenWindows([workdir_lib.local_copy(os.path.join(directory, s["file"]), version)
+                                 for s in shards],
                                 [s["tokens"] for s in shards], index["dtype"], cfg.data.seq_len)
     if not len(self.windows):
       raise DataError(f"The {split} split has {index['splits'][split]['tokens']} tokens, fewer "

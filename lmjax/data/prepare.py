@@ -25,6 +25,7 @@ import platform
 import re
 from typing import Iterator
 
+from etils import epath
 import jax
 import numpy as np
 import sentencepiece as spm
@@ -55,13 +56,19 @@ def fingerprint(cfg, tokenizer_path: str) -> dict:
 
 
 def _read_json(path: str) -> dict | None:
-  return workdir_lib.read_json(path) if os.path.isfile(path) else None
+  return workdir_lib.read_json(path) if epath.Path(path).is_file() else None
 
 
 def _write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
+  partial = epath.Path(path + ".tmp")
+  partial.write_text(json.dumps(value, indent=1))
+  partial.replace(path)
+
+
+def _size(path: str) -> int | None:
+  """A file's size in bytes (local or in a bucket), None if it does not exist."""
+  path = epath.Path(path)
+  return path.stat().length if path.is_file() else None
 
 
 def index_path(cfg, workdir: str) -> str:
@@ -72,7 +79,7 @@ def is_prepared(cfg, workdir: str) -> bool:
   """Whether the prepared dir is complete for this config (same source, settings and tokenizer)."""
   index = _read_json(index_path(cfg, workdir))
   tokenizer = workdir_lib.tokenizer_path(cfg, workdir)
-  return (index is not None and os.path.isfile(tokenizer) and
+  return (index is not None and epath.Path(tokenizer).is_file() and
           index["fingerprint"] == fingerprint(cfg, tokenizer))
 
 
@@ -119,9 +126,10 @@ class ShardWriter:
     if not self.pending:
       return
     name = f"{self.split}_{len(self.shards):05d}.bin"
-    path = os.path.join(self.out_dir, name)
-    np.concatenate(self.pending).astype(self.dtype).tofile(path + ".tmp")
-    os.replace(path + ".tmp", path)  # a .bin is always whole
+    partial = epath.Path(os.path.join(self.out_dir, name + ".tmp"))
+    with partial.open("wb") as f:
+      f.write(memoryview(np.concatenate(self.pending).astype(self.dtype)))
+    partial.replace(os.path.join(self.out_dir, name))  # a .bin is always whole
     self.shards.append({"file": name, "tokens": self.tokens, "documents": self.documents,
                         "bytes": self.bytes, "end_document": self.end_document})
     self._reset()
@@ -137,8 +145,7 @@ def _finished_shards(out_dir: str, expected: dict, shard_tokens: int, dtype: str
     return done
   for split in SPLITS:
     for shard in progress["splits"][split]:
-      path = os.path.join(out_dir, shard["file"])
-      if not os.path.isfile(path) or os.path.getsize(path) != shard["tokens"] * np.dtype(
+      if _size(os.path.join(out_dir, shard["file"])) != shard["tokens"] * np.dtype(
           dtype).itemsize:
         break
       done[split].append(shard)
@@ -149,9 +156,9 @@ def _finished_shards(out_dir: str, expected: dict, shard_tokens: int, dtype: str
 _processor: spm.SentencePieceProcessor | None = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(model_proto: bytes) -> None:
   global _processor
-  _processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
+  _processor = spm.SentencePieceProcessor(model_proto=model_proto)
 
 
 def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
@@ -187,17 +194,17 @@ def _tasks(docs, val_fraction: float, resume_from: dict) -> Iterator[tuple[list,
     yield meta, texts
 
 
-def _encoded(tasks, tokenizer_path: str, dtype: str, num_workers: int):
+def _encoded(tasks, model_proto: bytes, dtype: str, num_workers: int):
   """(meta, token arrays) per task, in order, with a bounded number of tasks in flight."""
   if num_workers <= 1:  # no process start-up for small jobs
-    _init_worker(tokenizer_path)
+    _init_worker(model_proto)
     for meta, texts in tasks:
       yield meta, _encode(texts, dtype)
     return
   # spawn, not fork: forking a process whose JAX threads run can deadlock. An executor, not a Pool:
   # workers that cannot start (a script without `if __name__ == "__main__":`) fail, not hang.
   with futures.ProcessPoolExecutor(num_workers, multiprocessing.get_context("spawn"),
-                                   _init_worker, (tokenizer_path,)) as pool:
+                                   _init_worker, (model_proto,)) as pool:
     in_flight = collections.deque()
     try:
       for meta, texts in tasks:
@@ -229,15 +236,15 @@ def _check_enough_tokens(splits: dict, cfg) -> None:
 
 
 def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:
-  for name in os.listdir(out_dir):
-    if SHARD_FILE.match(name) and name not in keep:
-      os.remove(os.path.join(out_dir, name))
+  for path in epath.Path(out_dir).iterdir():
+    if SHARD_FILE.match(path.name) and path.name not in keep:
+      path.unlink()
 
 
 def prepare(cfg, workdir: str) -> dict:
   """Tokenizes the corpus into shards (resuming an interrupted run); returns the index."""
   out_dir = workdir_lib.prepared_dir(cfg, workdir)
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   tokenizer_path = resolve_tokenizer(cfg, workdir)
   processor = load_tokenizer(tokenizer_path)
   check_vocab(cfg, processor)
@@ -265,7 +272,8 @@ def prepare(cfg, workdir: str) -> dict:
                  {split: writer.resume_from for split, writer in writers.items()})
   with tqdm.tqdm(total=cfg.data.max_bytes or None, unit="B", unit_scale=True,
                  desc=f"prepare {cfg.data.source}") as bar:
-    for meta, token_arrays in _encoded(tasks, tokenizer_path, dtype, num_workers):
+    for meta, token_arrays in _encoded(tasks, processor.serialized_model_proto(), dtype,
+                                       num_workers):
       arrays = iter(token_arrays)
       for doc_index, split, num_bytes in meta:
         if split is not None:
@@ -276,14 +284,13 @@ def prepare(cfg, workdir: str) -> dict:
 
   splits = {split: _split_summary(writer.shards) for split, writer in writers.items()}
   _check_enough_tokens(splits, cfg)
-  index = {"version": 1, "fingerprint": expected, "tokenizer": os.path.abspath(tokenizer_path),
+  index = {"version": 1, "fingerprint": expected, "tokenizer": workdir_lib.absolute(tokenizer_path),
            "vocab_size": vocab_size, "eos_id": eos_id,
            "dtype": dtype,
            "shard_tokens": shard_tokens, "splits": splits}
   _write_json(os.path.join(out_dir, workdir_lib.INDEX), index)  # last: the data is now complete
   _remove_stale_shards(out_dir, {s["file"] for split in splits.values() for s in split["shards"]})
-  if os.path.exists(os.path.join(out_dir, "progress.json")):
-    os.remove(os.path.join(out_dir, "progress.json"))
+  epath.Path(out_dir, "progress.json").unlink(missing_ok=True)
   return index
 
 
@@ -294,7 +301,7 @@ def shards_fingerprint(cfg, workdir: str) -> str:
   index = read_index(cfg, workdir)
   tokenizer = workdir_lib.tokenizer_path(cfg, workdir)
   recorded = index["fingerprint"]["tokenizer_sha256"]
-  if not os.path.isfile(tokenizer) or file_sha256(tokenizer) != recorded:
+  if not epath.Path(tokenizer).is_file() or file_sha256(tokenizer) != recorded:
     raise DataError(f"The tokenizer '{tokenizer}' is missing or is not the one the data in "
                     f"'{index_path(cfg, workdir)}' was prepared with (sha256 {recorded[:12]}...). "
                     "Every host must see the same workdir; re-prepare it in a fresh one.")
@@ -303,7 +310,7 @@ def shards_fingerprint(cfg, workdir: str) -> str:
   for split, stats in sorted(index["splits"].items()):
     for shard in stats["shards"]:
       path = os.path.join(out_dir, shard["file"])
-      size = os.path.getsize(path) if os.path.isfile(path) else None
+      size = _size(path)
       if size != shard["tokens"] * itemsize:
         raise DataError(f"The shard '{path}' is {'missing' if size is None else f'{size} bytes'}"
                         f", but the index records {shard['tokens']} tokens "
@@ -317,23 +324,18 @@ def shards_fingerprint(cfg, workdir: str) -> str:
 def prepare_once(cfg, workdir: str) -> dict:
   """Prepares the data (if it is not yet) on process 0 only, into the shared workdir; the other
   processes wait for it without a device collective, then check that the tokenizer and shards
-  they see are the ones process 0 wrote (same checksum and shard fingerprint), or refuse.
-
-  A workdir in a bucket without data.prepared_dir keeps its data in a cache on each host's own
-  disk (`workdir.prepared_dir`): there every process prepares its copy, and the copies are
-  checked against process 0's the same way."""
+  they see are the ones process 0 wrote (same checksum and shard fingerprint), or refuse. The
+  prepared dir may be in a bucket (gs://...): each host then reads the shards through a local
+  copy (`workdir.local_copy`)."""
   def prepared_here() -> str:
     if not is_prepared(cfg, workdir):
       prepare(cfg, workdir)
     return shards_fingerprint(cfg, workdir)
 
-  per_host = "://" in str(workdir) and not cfg.data.prepared_dir
-  if per_host and jax.process_index() > 0:
-    prepared_here()
   written = distributed.share_from_process_0(prepared_here, "prepare")
   if jax.process_index() == 0:
     return read_index(cfg, workdir)
-  if not os.path.isfile(index_path(cfg, workdir)):
+  if not epath.Path(index_path(cfg, workdir)).is_file():
     raise DataError(f"Process 0 prepared the data in '{index_path(cfg, workdir)}', but process "
                     f"{jax.process_index()} does not see it there: data.prepared_dir (and the "
                     "workdir) must be storage that every host shares, e.g. gs:// or NFS.")

@@ -1,8 +1,9 @@
 """Corpus sources: `iter_documents(cfg)` yields documents (str) in a fixed order, so that everything
 built from them (tokenizer, shards, the validation split) is reproducible.
 
-  text:GLOB   local files, sorted by path: .txt (a file is a document), .jsonl (a line is a document,
-              its field `data.text_field`), and both gzipped (.txt.gz, .jsonl.gz)
+  text:GLOB   files, sorted by path, local or in a bucket (text:gs://B/corpus/*.jsonl.gz): .txt (a
+              file is a document), .jsonl (a line is a document, its field `data.text_field`), and
+              both gzipped (.txt.gz, .jsonl.gz)
   pystdlib    the running Python's standard library .py files, its test suite included and
               site-packages excluded (~30 MB, everywhere Python is; files that are not UTF-8 skipped)
   tfds:NAME   a TFDS dataset already built in `data.tfds_data_dir` (optional extra; never downloads)
@@ -15,10 +16,13 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import sysconfig
 from typing import Iterable, Iterator
+
+from etils import epath
 
 from lmjax.errors import ConfigError, DataError
 
@@ -62,9 +66,26 @@ def cap_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
     yield doc
 
 
+def _bucket_glob(pattern: str) -> list[str]:
+  """Files matching a gs://... glob, through etils.epath (one listing per directory level with a
+  wildcard; `**` is not supported there)."""
+  parts = pattern.split("/")
+  first = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+  if "**" in pattern:
+    raise DataError(f"data.source='text:{pattern}': `**` is not supported in a bucket (it would "
+                    "list every object under it). Use one `*` per directory level.")
+  base, rest = "/".join(parts[:first]), "/".join(parts[first:])
+  if not rest:
+    return [pattern] if epath.Path(pattern).is_file() else []
+  return [os.fspath(p) for p in epath.Path(base).glob(rest) if p.name.endswith(TEXT_SUFFIXES)]
+
+
 def text_files(pattern: str) -> list[str]:
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
+  if "://" in pattern:
+    paths = sorted(_bucket_glob(pattern))
+  else:
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                   if os.path.isfile(p))
   if not paths:
     raise DataError(f"data.source='text:{pattern}' matches no files. Check the path; quote the "
                     f"glob on the command line so the shell does not expand it.")
@@ -107,6 +128,10 @@ def jsonl_documents(path: str, text_field: str) -> Iterator[str]:
 
 def _open_text(path: str):
   try:
+    if "://" in path:  # a bucket, through etils.epath
+      raw = epath.Path(path).open("rb")
+      return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw,
+                              encoding="utf-8")
     if path.endswith(".gz"):
       return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")

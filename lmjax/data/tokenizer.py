@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from typing import Iterable, Iterator
 
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 
@@ -61,9 +63,20 @@ def tokenizer_sample(cfg) -> Iterator[str]:
 def train_tokenizer(cfg, out_prefix: str) -> str:
   """Trains a SentencePiece model on a sample of the corpus; returns `out_prefix + ".model"`."""
   vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
-  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
   masked_lm = cfg.train.objective == "masked_lm"  # "[MASK]" gets id 5, after "\n" (4)
-  tmp_prefix = out_prefix + ".tmp"
+  with tempfile.TemporaryDirectory() as tmp:  # SentencePiece writes local files only
+    tmp_prefix = os.path.join(tmp, "tokenizer")
+    _train(cfg, tmp_prefix, vocab_size, masked_lm)
+    out = epath.Path(workdir_lib.absolute(out_prefix))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for ext in (".model", ".vocab"):  # whole files only: a killed run never leaves a half model
+      partial = out.with_name(out.name + ext + ".tmp")
+      epath.Path(tmp_prefix + ext).copy(partial, overwrite=True)
+      partial.replace(out.with_name(out.name + ext))
+  return out_prefix + ".model"
+
+
+def _train(cfg, tmp_prefix: str, vocab_size: int, masked_lm: bool) -> None:
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=training_chunks(tokenizer_sample(cfg)),  # streamed: no corpus temp file
@@ -78,17 +91,15 @@ def train_tokenizer(cfg, out_prefix: str) -> str:
     raise DataError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size "
                     f"(now {vocab_size}) or give it more text (data.tokenizer_sample_bytes, "
                     "data.max_bytes, data.source).") from None
-  for ext in (".model", ".vocab"):  # whole files only: a killed run never leaves a half model
-    os.replace(tmp_prefix + ext, out_prefix + ext)
-  return out_prefix + ".model"
 
 
 def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-  if not os.path.isfile(path):
+  """A SentencePiece model from a local path or a bucket (gs://...)."""
+  if not epath.Path(path).is_file():
     raise DataError(f"Tokenizer '{path}' does not exist. Set data.tokenizer to a SentencePiece "
                     f".model file, or to '' to train one.")
   try:
-    return spm.SentencePieceProcessor(model_file=path)
+    return spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
   except (OSError, RuntimeError) as e:
     raise DataError(f"Cannot load the tokenizer {path} ({e}): it is not a SentencePiece .model "
                     "file, or it is damaged.") from None
@@ -110,12 +121,12 @@ def token_bytes(sp: spm.SentencePieceProcessor) -> np.ndarray:
 def resolve_tokenizer(cfg, workdir: str) -> str:
   """The tokenizer's path: `data.tokenizer`, else `<prepared_dir>/tokenizer.model` (trained once)."""
   if cfg.data.tokenizer:
-    if not os.path.isfile(cfg.data.tokenizer):
+    if not epath.Path(cfg.data.tokenizer).is_file():
       raise DataError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist. Point it at a "
                       f"SentencePiece .model file, or set it to '' to train one on the corpus.")
     return cfg.data.tokenizer
   path = workdir_lib.tokenizer_path(cfg, workdir)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     return train_tokenizer(cfg, path[:-len(".model")])
   size = load_tokenizer(path).get_piece_size()
   if cfg.data.vocab_size and size != cfg.data.vocab_size:
@@ -137,7 +148,7 @@ def check_vocab(cfg, sp: spm.SentencePieceProcessor) -> None:
 
 def file_sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -154,7 +165,7 @@ def masking_for(cfg, workdir: str | None = None) -> Masking:
   path = workdir_lib.tokenizer_path(cfg, workdir) if (workdir or cfg.data.tokenizer) else ""
   if cfg.data.source == "synthetic":
     mask_id, random_vocab = vocab - 1, vocab - 1
-  elif path and os.path.isfile(path):
+  elif path and epath.Path(path).is_file():
     sp = load_tokenizer(path)
     size = sp.get_piece_size()
     piece_id = sp.piece_to_id(MASK_PIECE)

@@ -61,8 +61,8 @@ def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()
     checkpoints.save(0, run.init(), None, force=True)
   if jax.process_index() == 0:  # config.json last: its presence means the import completed
     if has_tokenizer:
-      os.makedirs(os.path.dirname(tokenizer_path), exist_ok=True)
-      shutil.copyfile(sp_model, tokenizer_path)
+      epath.Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(sp_model).copy(tokenizer_path, overwrite=True)
     workdir_lib.write_config(cfg, workdir)
   return cfg
 
