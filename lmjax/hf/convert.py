@@ -17,6 +17,7 @@ import os
 import shutil
 from typing import Sequence
 
+from etils import epath
 import jax
 import numpy as np
 
