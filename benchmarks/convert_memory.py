@@ -6,7 +6,7 @@ Writes a random Llama-style HF checkpoint (float32 safetensors + config.json; by
 d_model 1024, MLP 4096, vocabulary 32000, untied: 0.20B params, 0.74 GiB), then for
 each `--code` tree runs, each in a fresh process on one CPU device, `lmjax convert --from_hf` into
 a new workdir and `lmjax convert --to_hf` back out, and prints the peak resident memory of each
-(the child's own ru_maxrss) next to the model's size. On a CPU the devices are host memory too, so
+(the child's own ru_maxrss) next to the model's size, and the size of the imported checkpoint. On a CPU the devices are host memory too, so
 the imported params (and the optimizer state an import writes) count: the baseline to compare is
 the model's size, and the old tree's figure from the same run.
 """
@@ -80,8 +80,11 @@ def main() -> None:
     print(f"model: {size / 2**30:.2f} GiB float32 ({size // 4 / 1e6:.0f}M params)")
     for k, code in enumerate(codes):
       imported = peak_rss(code, ["convert", f"--from_hf={tmp}/hf", f"--workdir={tmp}/run{k}"])
+      on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
+                    os.walk(f"{tmp}/run{k}/checkpoints") for f in fs)
       print(f"{code}: import peak RSS {imported / 2**30:.2f} GiB = "
-            f"{imported / size:.2f}x the model", flush=True)
+            f"{imported / size:.2f}x the model; checkpoint on disk {on_disk / 2**30:.2f} GiB = "
+            f"{on_disk / size:.2f}x", flush=True)
       exported = peak_rss(code, ["convert", f"--to_hf={tmp}/out{k}", f"--workdir={tmp}/run{k}"])
       print(f"{code}: export peak RSS {exported / 2**30:.2f} GiB = "
             f"{exported / size:.2f}x the model", flush=True)

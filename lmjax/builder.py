@@ -3,9 +3,9 @@ from a config, an objective and where the params come from.
 
 A run's state is initialized in this order (as in big_vision's train.py):
   1. resume: the workdir's latest checkpoint, restored by the loop onto `run.abstract_state`;
-  2. from another run or an import: `FromRun(workdir)` restores that run's params alone,
-     `FromParams(tree)` places given params (an HF import); adapters, head, optimizer state and
-     RNG start fresh;
+  2. from another run or an import: `FromRun(workdir)` restores that run's params alone (a
+     checkpoint of params only, as an import writes, included); adapters, head, optimizer state
+     and RNG start fresh;
   3. from scratch: `FromSeed()`, random params from train.seed.
 
 The params are the model's tree (pretraining), or for a fine-tuning {"model": tree, "lora": ...,
@@ -50,13 +50,6 @@ class FromRun:
   workdir: str
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class FromParams:
-  """Given model params: host arrays (an HF import), placed onto the mesh, or global arrays
-  already on it (a fine-tuning's merged export)."""
-  params: Any
-
-
 @contextlib.contextmanager
 def mesh_context(mesh, rules):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -79,6 +72,7 @@ class Run:
   batch_shardings: dict  # field -> NamedSharding
   init_state: Callable  # pure: (base model params or None for random) -> TrainState at step 0
   init: Callable[[], TrainState]  # the state at step 0 from the run's init source, on the mesh
+  init_from: Callable[[Any], TrainState]  # the same with given base params (global arrays)
 
   def context(self):
     """Mesh and logical rules for tracing (activation sharding constraints)."""
@@ -181,8 +175,8 @@ def _state_initializer(cfg, objective, model, optimizer, layout, trainable, nest
 
 
 def build(cfg, objective: Objective, init=FromSeed(), devices=None) -> Run:
-  """The run `cfg` makes with `objective`, its params from `init` (FromSeed, FromRun,
-  FromParams). Nothing is computed on the devices until `run.init()` is called."""
+  """The run `cfg` makes with `objective`, its params from `init` (FromSeed, FromRun).
+  Nothing is computed on the devices until `run.init()` is called."""
   mesh = sharding_lib.make_mesh(cfg, devices)
   rules = sharding_lib.logical_rules(cfg)
   model = Transformer(ModelConfig.from_config(cfg))
@@ -201,31 +195,37 @@ def build(cfg, objective: Objective, init=FromSeed(), devices=None) -> Run:
   return Run(cfg, objective, mesh, rules, model, forward, optimizer, schedule,
              ckpt_lib.abstract_with_shardings(abstract, state_shardings), state_shardings,
              batch_shardings, init_state,
-             _initializer(init, init_state, state_shardings, abstract_base, mesh, rules))
+             *_initializers(init, init_state, state_shardings, abstract_base, mesh, rules))
 
 
-def _initializer(init, init_state, state_shardings, abstract_base, mesh, rules):
-  """() -> the step-0 state from the init source, placed on the mesh."""
+def _initializers(init, init_state, state_shardings, abstract_base, mesh, rules):
+  """() -> the step-0 state from the init source, and (base params) -> the step-0 state with
+  those params (fresh adapters, head, optimizer state and RNG), both placed on the mesh."""
   jitted = jax.jit(init_state, out_shardings=state_shardings)
   # a given base is consumed: its buffers become the state's params, not a second copy
   jitted_from_base = jax.jit(init_state, out_shardings=state_shardings, donate_argnums=(0,))
+
+  def from_base(base) -> TrainState:
+    with mesh_context(mesh, rules):
+      return jitted_from_base(base)
 
   def from_source() -> TrainState:
     if isinstance(init, FromSeed):
       with mesh_context(mesh, rules):
         return jitted()
-    if isinstance(init, FromRun):
-      with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(init.workdir),
-                                     read_only=True) as checkpoints:
-        base = checkpoints.restore_params(None, abstract_base)
-    else:  # FromParams: global arrays as they are; of host arrays each process reads its slices
-      base = jax.tree_util.tree_map(
-          lambda x, s: x if isinstance(x, jax.Array) else jax.make_array_from_callback(
-              x.shape, s.sharding, lambda idx: x[idx]), init.params, abstract_base)
-    with mesh_context(mesh, rules):
-      return jitted_from_base(base)
+    with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(init.workdir),
+                                   read_only=True) as checkpoints:
+      return from_base(checkpoints.restore_params(None, abstract_base))
 
-  return from_source
+  return from_source, from_base
+
+
+def place(params, abstract):
+  """Params onto the shardings of `abstract` (ShapeDtypeStructs): global arrays as they are; of
+  host arrays, or lazy readers such as an import's, each process reads only its devices' blocks."""
+  return jax.tree_util.tree_map(
+      lambda x, s: x if isinstance(x, jax.Array) else jax.make_array_from_callback(
+          x.shape, s.sharding, lambda idx: x[idx]), params, abstract)
 
 
 def load_params(workdir: str, step: int | None = None, overrides=()):

@@ -1,4 +1,5 @@
-"""Orbax checkpoints: the train state (params, optimizer state, step, RNG) and the data position.
+"""Orbax checkpoints: the train state (params, optimizer state, step, RNG) and the data position,
+or params alone (an import: `save_params`).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a half-written
 checkpoint (a killed process, a full disk) is never listed and never loaded. Before restoring,
@@ -85,6 +86,19 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
     return self.manager.save(step, args=args, force=force)
+
+  def save_params(self, step: int, params) -> bool:
+    """Params alone, no optimizer state, RNG or data position (an import: training creates the
+    optimizer state it needs, `params_only`)."""
+    return self.save(step, {"params": params}, None, force=True)
+
+  def params_only(self, step: int) -> bool:
+    """Whether the checkpoint at `step` holds params alone (written by `save_params`)."""
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception:  # noqa: BLE001 - unreadable metadata is reported by restore
+      return False
+    return set(getattr(saved, "tree", saved) or ()) == {"params"}
 
   def existing_step(self, step: int | None) -> int:
     """`step` (None: the latest), if there is a checkpoint for it."""

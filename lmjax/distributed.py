@@ -86,3 +86,25 @@ def share_from_process_0(compute, what: str, wait_s: float = 24 * 3600) -> str:
   if value.startswith("error:"):
     raise LmjaxError(f"Process 0 failed at {what}: {value[len('error:'):]}")
   return value[len("ok:"):]
+
+
+def check_everywhere(check, what: str, wait_s: float = 3600) -> None:
+  """Every process runs `check()`, which raises an LmjaxError to refuse; if any process refuses,
+  every process raises, with that process's message (host RPCs, no device work), so that no host
+  starts a collective the others will never join. Called by every process in the same order."""
+  if jax.process_count() == 1:
+    check()
+    return
+  _published["count"] += 1
+  key, me = f"lmjax/{what}/{_published['count']}", jax.process_index()
+  client = _client()
+  try:
+    check()
+  except LmjaxError as e:
+    client.key_value_set(f"{key}/{me}", "error:" + str(e))
+    raise
+  client.key_value_set(f"{key}/{me}", "ok")
+  for i in range(jax.process_count()):
+    value = client.blocking_key_value_get(f"{key}/{i}", int(wait_s * 1000))
+    if value.startswith("error:"):
+      raise LmjaxError(f"Process {i} refused at {what}: {value[len('error:'):]}")

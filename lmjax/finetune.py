@@ -26,7 +26,6 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -215,8 +214,9 @@ def merged_params(run, params):
 
 
 def export(cfg, workdir: str, run, state, labels: list[str] | None = None) -> int:
-  """Writes the merged params as WORKDIR/checkpoints/STEP, a plain run (fresh optimizer state),
-  and for classification WORKDIR/classifier.npz. Returns the step."""
+  """Writes the merged params as WORKDIR/checkpoints/STEP (params only, as an import: a run
+  continued from them makes its optimizer state), and for classification
+  WORKDIR/classifier.npz. Returns the step."""
   step = int(jax.device_get(state.step))
   directory = workdir_lib.checkpoint_dir(workdir)
   with ckpt_lib.open_checkpoints(directory, cfg.train.keep_checkpoints) as checkpoints:
@@ -228,12 +228,8 @@ def export(cfg, workdir: str, run, state, labels: list[str] | None = None) -> in
     base_shardings = plain.state_shardings.params
     with run.context():
       merged = jax.jit(lambda p: merged_params(run, p), out_shardings=base_shardings)(state.params)
-    plain = builder.build(cfg, plain.objective, builder.FromParams(merged))
-    plain_state = plain.init()
-    plain_state = plain_state.replace(
-        step=jax.device_put(jnp.asarray(step, jnp.int32), plain.state_shardings.step))
     with ckpt_lib.open_checkpoints(directory, cfg.train.keep_checkpoints) as checkpoints:
-      checkpoints.save(step, plain_state, None, force=True)
+      checkpoints.save_params(step, merged)  # params only, as an import
   if cfg.finetune.task == "classification":
     # gathered on every process (a head sharded across hosts), written by process 0
     head = jax.tree_util.tree_map(lambda x: to_host(x).astype(np.float32),

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import distributed
@@ -139,10 +140,19 @@ def format_train(step: int, record: dict) -> str:
 
 
 def restore_or_init(run, checkpoints, train_iter, workdir: str):
-  """(state, start step): the latest checkpoint with its data position, else `run.init()`."""
+  """(state, start step): the latest checkpoint with its data position, else `run.init()`. A
+  checkpoint of params alone (an import) starts the run from those params with a fresh optimizer
+  state, at that checkpoint's step."""
   start = checkpoints.latest_step()
   if start is None:
     return run.init(), 0
+  if checkpoints.params_only(start):
+    state = run.init_from(checkpoints.restore_params(start, run.abstract_state.params))
+    state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32),
+                                              run.state_shardings.step))
+    log(f"Starting from the params at step {start} in {workdir} (the checkpoint has no "
+        "optimizer state: it starts fresh).")
+    return state, start
   state, data_state = checkpoints.restore(start, run.abstract_state)
   if data_state:
     train_iter.set_state(data_state)

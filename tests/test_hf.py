@@ -19,6 +19,7 @@ import jax  # noqa: E402
 
 from conftest import run_python  # noqa: E402
 from lmjax import builder, commands, hf  # noqa: E402
+from lmjax import checkpoint as ckpt_lib  # noqa: E402
 from lmjax import train as train_lib  # noqa: E402
 from lmjax import workdir as workdir_lib  # noqa: E402
 from lmjax.hf import mapping  # noqa: E402
@@ -325,10 +326,16 @@ def test_train_continues_from_the_import(models, tmp_path, capsys):
       "train.steps=2", "train.batch_size=2", "data.seq_len=16", "train.eval_every=100",
       "train.eval_batches=1", "optim.learning_rate=1e-4", "optim.warmup_steps=0"])
   _, _, imported, _ = builder.load_params(workdir)
+  # the import holds params alone: no optimizer state (2x the params for Adam), no RNG
+  with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as c:
+    assert c.params_only(0)
+    assert set(c.manager.item_metadata(0)["state"]) == {"params"}
   cfg = workdir_lib.load_config(workdir)
   result = train_lib.train(cfg, workdir, progress=False)
-  assert "Resuming from step 0" in capsys.readouterr().out
+  assert "Starting from the params at step 0" in capsys.readouterr().out
   assert result["step"] == 2
+  with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir), read_only=True) as c:
+    assert not c.params_only(2)  # training saved its whole state
   moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                                  result["state"].params, imported)
   assert 0 < max(jax.tree_util.tree_leaves(moved)) < 0.01  # small steps from the HF weights

@@ -30,13 +30,15 @@ def env_with(devices):
 def launch(command, args, logdir, processes=2, devices=4, gcs_root=None):
   """Starts `lmjax COMMAND` in `processes` processes that form one JAX cluster; their output goes
   to files (pipes could fill up and stall one process, and with it the collectives). With
-  `gcs_root`, gs:// paths are served from that directory (tests/fake_gcs.py) in every process."""
+  `gcs_root`, gs:// paths are served from that directory (tests/fake_gcs.py) in every process
+  (a list: one per process, hosts that do not share storage)."""
   port = portpicker.pick_unused_port()
-  main = ["-m", "lmjax"] if gcs_root is None else ["-c", (
-      f"import sys; sys.path.insert(0, 'tests'); import fake_gcs; fake_gcs.install({str(gcs_root)!r}); "
-      "from lmjax.commands import main; main()")]
   procs = []
   for i in range(processes):
+    root = gcs_root[i] if isinstance(gcs_root, list) else gcs_root
+    main = ["-m", "lmjax"] if root is None else ["-c", (
+        f"import sys; sys.path.insert(0, 'tests'); import fake_gcs; fake_gcs.install({str(root)!r})"
+        "; from lmjax.commands import main; main()")]
     log = open(os.path.join(logdir, f"{command}.{len(os.listdir(logdir))}.log"), "w+")
     procs.append((subprocess.Popen(
         [sys.executable, *main, command, *args,
@@ -157,6 +159,30 @@ def test_every_mesh_feeds_the_global_batch_and_data_is_prepared_once(reference, 
       for host in (0, 1):  # each host memory-mapped its own local copy of the shards
         assert {p.name for p in (tmp_path / f"cache{host}").rglob("*.bin")} == {
             s["file"] for split in index["splits"].values() for s in split["shards"]}
+
+
+def test_hosts_that_do_not_share_the_prepared_data_all_refuse(reference, tmp_path):
+  """Process 0 prepares into gs://b/data; process 1's gs:// is another store: one where the data
+  is missing, one where other data is (prepared from another source). Both processes refuse, with
+  process 1's reason, before any training."""
+  root, _ = reference
+  roots = [tmp_path / "host0", tmp_path / "host1"]
+  shutil.copytree(root / "corpus", roots[0] / "b" / "corpus")
+  args = [a for a in TEXT if a != "--no_progress"] + [
+      "--config.data.prepared_dir=gs://b/data", "--config.data.source=text:gs://b/corpus/*"]
+  for case, want in (("missing", "does not see it there"), ("other data", "differs from what")):
+    if case == "other data":
+      shutil.copytree(root / "one" / "data", roots[1] / "b" / "data")
+    procs = launch("prepare", args + [f"--workdir={tmp_path / case}"], tmp_path, devices=2,
+                   gcs_root=roots)
+    outs = []
+    for proc, log in procs:
+      proc.wait(timeout=300)
+      log.seek(0)
+      outs.append(log.read())
+      assert proc.returncode == 2, outs[-1][-3000:]
+    assert want in outs[1] and "Traceback" not in outs[1]
+    assert "Process 1 refused" in outs[0] and want in outs[0] and "Traceback" not in outs[0]
 
 
 def test_fine_tuning_on_meshes_across_processes(reference, tmp_path):

@@ -324,7 +324,7 @@ def shards_fingerprint(cfg, workdir: str) -> str:
 def prepare_once(cfg, workdir: str) -> dict:
   """Prepares the data (if it is not yet) on process 0 only, into the shared workdir; the other
   processes wait for it without a device collective, then check that the tokenizer and shards
-  they see are the ones process 0 wrote (same checksum and shard fingerprint), or refuse. The
+  they see are the ones process 0 wrote (same checksum and shard fingerprint), or all refuse. The
   prepared dir may be in a bucket (gs://...): each host then reads the shards through a local
   copy (`workdir.local_copy`)."""
   def prepared_here() -> str:
@@ -333,16 +333,20 @@ def prepare_once(cfg, workdir: str) -> dict:
     return shards_fingerprint(cfg, workdir)
 
   written = distributed.share_from_process_0(prepared_here, "prepare")
-  if jax.process_index() == 0:
-    return read_index(cfg, workdir)
-  if not epath.Path(index_path(cfg, workdir)).is_file():
-    raise DataError(f"Process 0 prepared the data in '{index_path(cfg, workdir)}', but process "
-                    f"{jax.process_index()} does not see it there: data.prepared_dir (and the "
-                    "workdir) must be storage that every host shares, e.g. gs:// or NFS.")
-  seen = shards_fingerprint(cfg, workdir)
-  if seen != written:
-    raise DataError(f"The prepared data process {jax.process_index()} sees in "
-                    f"'{workdir_lib.prepared_dir(cfg, workdir)}' differs from what process 0 "
-                    f"wrote (fingerprint {seen[:12]} vs {written[:12]}): the hosts do not share "
-                    "one prepared dir. Point data.prepared_dir at shared storage.")
+
+  def check_same_data():
+    if jax.process_index() == 0:
+      return
+    if not epath.Path(index_path(cfg, workdir)).is_file():
+      raise DataError(f"Process 0 prepared the data in '{index_path(cfg, workdir)}', but process "
+                      f"{jax.process_index()} does not see it there: data.prepared_dir (and the "
+                      "workdir) must be storage that every host shares, e.g. gs:// or NFS.")
+    seen = shards_fingerprint(cfg, workdir)
+    if seen != written:
+      raise DataError(f"The prepared data process {jax.process_index()} sees in "
+                      f"'{workdir_lib.prepared_dir(cfg, workdir)}' differs from what process 0 "
+                      f"wrote (fingerprint {seen[:12]} vs {written[:12]}): the hosts do not "
+                      "share one prepared dir. Point data.prepared_dir at shared storage.")
+
+  distributed.check_everywhere(check_same_data, "prepare-check")  # all refuse, or none
   return read_index(cfg, workdir)

@@ -56,10 +56,10 @@ def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()
   by_path = {rule.lmjax: rule for rule in rules}
   flat = {path: LazyParam(x.shape, x.dtype, by_path, tensors, path)
           for path, x in flatten(run.abstract_state.params).items()}
-  run = builder.build(cfg, run.objective, builder.FromParams(unflatten(flat)))
+  params = builder.place(unflatten(flat), run.abstract_state.params)
   with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir),
                                  cfg.train.keep_checkpoints) as checkpoints:
-    checkpoints.save(0, run.init(), None, force=True)
+    checkpoints.save_params(0, params)  # params only: training makes its optimizer state
   if jax.process_index() == 0:  # config.json last: its presence means the import completed
     if has_tokenizer:
       epath.Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
