@@ -15,7 +15,7 @@ import os
 from typing import Any, Sequence
 
 from lmjax.errors import ConfigError
-from lmjax.schema import (CHOICES, FINETUNE_IDENTITY_KEYS, FINETUNE_TASKS,  # noqa: F401
+from lmjax.schema import (CHOICES, FINETUNE_IDENTITY_KEYS, FINETUNE_TASKS, RANGES,  # noqa: F401
                           LORA_TARGETS, MASKED_LM_KEYS, RUNTIME_MODEL_KEYS, ConfigDict,
                           default_config)
 
@@ -164,6 +164,36 @@ def finalize_model(m: ConfigDict) -> ConfigDict:
   return m
 
 
+def in_range(value, spec: str) -> bool:
+  """Whether a number is in a RANGES spec: ">=1", ">0", "[0,1)", "-1|>=1", "any"."""
+  if spec == "any":
+    return True
+  if "|" in spec:
+    return any(in_range(value, part) for part in spec.split("|"))
+  if spec[0] in "[(":
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    return ((low <= value) if spec[0] == "[" else (low < value)) and (
+        (value <= high) if spec[-1] == "]" else (value < high))
+  if spec.startswith(">="):
+    return value >= float(spec[2:])
+  if spec.startswith(">"):
+    return value > float(spec[1:])
+  return value == float(spec)
+
+
+def check_ranges(cfg: ConfigDict) -> None:
+  """Every numeric key within its RANGES entry: a value that would lose data or print a number
+  that lies (keep_checkpoints=0, eval_batches=0, a negative learning rate) is refused here."""
+  for key, spec in RANGES.items():
+    section, name = key.split(".")
+    value = cfg[section][name]
+    if not in_range(value, spec):
+      shown = {">=1": "at least 1", ">0": "greater than 0", ">=0": "at least 0",
+               ">=-1": "at least -1", "-1|>=1": "-1 (the remaining devices) or at least 1"}
+      raise ConfigError(f"{key}={value!r} is out of range: it must be "
+                        f"{shown.get(spec, f'in {spec}')}. Change --config.{key}.")
+
+
 def check_choices(cfg: ConfigDict) -> None:
   for key, allowed in CHOICES.items():
     section, name = key.split(".")
@@ -212,6 +242,7 @@ def _check_objective(cfg: ConfigDict) -> None:
 def finalize(cfg: ConfigDict) -> ConfigDict:
   """Checks every value and the relations between keys, and fills derived values."""
   check_choices(cfg)
+  check_ranges(cfg)
   finalize_model(cfg.model)
   if cfg.data.seq_len > cfg.model.max_len:
     raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_len={cfg.model.max_len}.")
@@ -220,9 +251,6 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
                       f"optim.accumulation_steps={cfg.optim.accumulation_steps}.")
   _check_finetune(cfg)
   _check_objective(cfg)
-  for key in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-    if cfg.train[key] < 1:
-      raise ConfigError(f"train.{key} must be at least 1, got {cfg.train[key]}.")
   ids = cfg.distributed.local_device_ids
   if ids and not all(part.strip().isdigit() for part in ids.split(",")):
     raise ConfigError(f"distributed.local_device_ids must be comma-separated device numbers "

@@ -27,6 +27,33 @@ CHOICES = {
     "distributed.initialize": ("auto", "yes", "no"),
 }
 FINETUNE_TASKS = CHOICES["finetune.task"]
+
+# The allowed range of every numeric key (config.check_ranges; a test walks the schema and tries
+# a value outside each): ">=1", ">0", "[0,1)" (an interval), "-1|>=1" (a sentinel or a range),
+# "any".
+RANGES = {
+    "model.num_layers": ">=1", "model.d_model": ">=1", "model.num_heads": ">=1",
+    "model.num_kv_heads": ">=0", "model.head_dim": ">=0", "model.mlp_dim": ">=1",
+    "model.vocab_size": ">=1", "model.max_len": ">=1", "model.rope_theta": ">0",
+    "model.norm_eps": ">0", "model.init_std": ">0", "model.dropout": "[0,1)",
+    "model.mup_base_width": ">=0",
+    "data.seq_len": ">=1", "data.vocab_size": ">=0", "data.tokenizer_sample_bytes": ">=1",
+    "data.max_bytes": ">=0", "data.val_fraction": "[0,1)", "data.shard_tokens": ">=1",
+    "data.num_workers": ">=0", "data.prefetch": ">=0",
+    "train.steps": ">=1", "train.batch_size": ">=1", "train.seed": "any", "train.log_every": ">=1",
+    "train.eval_every": ">=1", "train.eval_batches": ">=1", "train.checkpoint_every": ">=1",
+    "train.keep_checkpoints": ">=1", "train.mask_prob": "(0,1]",
+    "train.mask_token_fraction": "[0,1]", "train.random_token_fraction": "[0,1]",
+    "train.mask_token_id": ">=-1",
+    "optim.learning_rate": ">0", "optim.warmup_steps": ">=0", "optim.min_lr_ratio": "[0,1]",
+    "optim.weight_decay": ">=0", "optim.b1": "[0,1)", "optim.b2": "[0,1)", "optim.eps": ">0",
+    "optim.grad_clip": ">=0", "optim.accumulation_steps": ">=1",
+    "finetune.val_fraction": "[0,1)", "finetune.lora_rank": ">=0", "finetune.lora_alpha": ">0",
+    "finetune.num_classes": ">=0",
+    "distributed.num_processes": ">=0", "distributed.process_id": ">=-1",
+    "mesh.data": "-1|>=1", "mesh.fsdp": "-1|>=1", "mesh.tensor": "-1|>=1", "mesh.dcn_data": ">=1",
+    "mesh.dcn_fsdp": ">=1", "mesh.dcn_tensor": ">=1",
+}
 LORA_TARGETS = ("query", "key", "value", "out", "up", "gate", "down")  # gate: llama style only
 
 # model.* keys that say how the model runs, not what it is: they may change when a run resumes or

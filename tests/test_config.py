@@ -114,3 +114,52 @@ def test_saved_config_compares_equal_to_itself(tmp_path):
   workdir_lib.check_compatible(cfg, str(tmp_path))
   with pytest.raises(ConfigError, match="mesh.rules"):
     workdir_lib.check_compatible(tiny_config(), str(tmp_path), every_key=True)
+
+
+def _outside(spec: str, integer: bool) -> list:
+  """Values just outside a RANGES spec (config.in_range's grammar)."""
+  if spec == "any":
+    return []
+  if "|" in spec:  # "-1|>=1": between and below
+    return [0, -2]
+  step = 1 if integer else 1e-3
+  if spec[0] in "[(":
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    return [low if spec[0] == "(" else low - step, high if spec[-1] == ")" else high + step]
+  bound = float(spec.lstrip(">="))
+  return [bound if spec[1] != "=" else bound - step]
+
+
+def test_every_numeric_key_has_a_range_and_values_outside_it_are_refused():
+  """Walks the schema: each count and rate has a RANGES entry, its default is inside, and a
+  value just outside (keep_checkpoints=0, eval_batches=0, a negative learning rate, seq_len=0,
+  ...) is refused with a message that names the key."""
+  defaults = config_lib.flat_items(config_lib.default_config())
+  numeric = {k for k, v in defaults.items() if isinstance(v, (int, float))
+             and not isinstance(v, bool)}
+  assert numeric == set(config_lib.RANGES)
+  tried = 0
+  for key in sorted(numeric):
+    spec = config_lib.RANGES[key]
+    assert config_lib.in_range(defaults[key], spec), key
+    for bad in _outside(spec, isinstance(defaults[key], int)):
+      value = int(bad) if isinstance(defaults[key], int) else float(bad)
+      with pytest.raises(ConfigError, match=rf"{key}={value!r} is out of range"):
+        config_lib.get_config(None, [f"{key}={value}"])
+      tried += 1
+  assert tried > 60
+  for key, value in (("train.keep_checkpoints", 1), ("optim.learning_rate", 1e-9),
+                     ("data.val_fraction", 0.0), ("mesh.fsdp", -1)):
+    config_lib.get_config(None, [f"{key}={value}"] + (["mesh.data=1"] if key == "mesh.fsdp" else []))
+
+
+def test_command_flags_out_of_range_are_usage_errors(tmp_path):
+  for args, flag in ((["eval", f"--workdir={tmp_path}", "--batches=0"], "--batches"),
+                     (["generate", f"--workdir={tmp_path}", "--prompt=x", "--max_new_tokens=0"],
+                      "--max_new_tokens"),
+                     (["generate", f"--workdir={tmp_path}", "--prompt=x", "--temperature=-1"],
+                      "--temperature")):
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and flag in proc.stderr and "must be at least" in proc.stderr
+    assert "Traceback" not in proc.stderr
+  assert not any(tmp_path.iterdir())

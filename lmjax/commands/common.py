@@ -4,6 +4,19 @@ from __future__ import annotations
 import argparse
 
 
+def at_least(low: float, kind=int):
+  """An argparse type: a number >= `low` (argparse's one-line usage error otherwise)."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+    return value
+  return parse
+
+
 def add_config_flags(p: argparse.ArgumentParser, workdir_required: bool = True,
                      config_required: bool = True) -> None:
   p.add_argument("--config", required=config_required, metavar="FILE.py[:VARIANT]",

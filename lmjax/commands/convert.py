@@ -1,6 +1,8 @@
 """lmjax convert --from_hf=DIR --workdir=OUT | --to_hf=DIR --workdir=RUN [--step=N]."""
 from __future__ import annotations
 
+from lmjax.commands import common
+
 from lmjax.errors import UsageError
 
 HELP = "Hugging Face checkpoint <-> lmjax run"
@@ -10,7 +12,7 @@ def add_arguments(p) -> None:
   p.add_argument("--from_hf", default=None, metavar="DIR", help="import this HF directory")
   p.add_argument("--to_hf", default=None, metavar="DIR", help="export --workdir's run here")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--step", type=int, default=None, help="checkpoint step to export")
+  p.add_argument("--step", type=common.at_least(0), default=None, help="checkpoint step to export")
 
 
 def check_arguments(args, overrides) -> None:

@@ -1,6 +1,8 @@
 """lmjax coordcheck --config=FILE [--widths=64,128,256,512]: the muP coordinate check."""
 from __future__ import annotations
 
+from lmjax.commands import common
+
 from lmjax.commands.common import resolve_config
 from lmjax.errors import UsageError
 
@@ -12,7 +14,8 @@ def add_arguments(p) -> None:
   p.add_argument("--config", default=None, metavar="FILE.py[:VARIANT]", help="the model to vary "
                  "(its d_model is replaced; default: the default config)")
   p.add_argument("--widths", default="64,128,256,512", help="d_model values, comma-separated")
-  p.add_argument("--steps", type=int, default=3, help="optimizer steps before measuring")
+  p.add_argument("--steps", type=common.at_least(1),
+                 default=3, help="optimizer steps before measuring")
   p.add_argument("--plot", default=None, metavar="PATH.png", help="also plot the changes here")
 
 

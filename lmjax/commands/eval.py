@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import json
 
+from lmjax.commands import common
+
 HELP = ("loss, perplexity and bits/byte (masked LM: masked-token accuracy) on the validation "
         "split")
 
 
 def add_arguments(p) -> None:
   p.add_argument("--workdir", required=True, help="the run directory")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--batches", type=int, default=None, help="batches to evaluate "
+  p.add_argument("--step", type=common.at_least(0),
+                 default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--batches", type=common.at_least(1), default=None, help="batches to evaluate "
                  "(default: train.eval_batches)")
 
 

@@ -1,17 +1,20 @@
 """lmjax generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...]: sample continuations."""
 from __future__ import annotations
 
+from lmjax.commands import common
+
 HELP = "sample continuations of prompts from a trained run"
 
 
 def add_arguments(p) -> None:
   p.add_argument("--workdir", required=True, help="the run directory")
   p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--max_new_tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top_k", type=int, default=0)
-  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--step", type=common.at_least(0),
+                 default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--max_new_tokens", type=common.at_least(1), default=64)
+  p.add_argument("--temperature", type=common.at_least(0.0, float), default=0.0, help="0 = greedy")
+  p.add_argument("--top_k", type=common.at_least(0), default=0)
+  p.add_argument("--top_p", type=common.at_least(0.0, float), default=1.0)
   p.add_argument("--seed", type=int, default=0)
 
 
