@@ -2,9 +2,13 @@
 or params alone (an import: `save_params`).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a half-written
-checkpoint (a killed process, a full disk) is never listed and never loaded. Before restoring,
-the checkpoint's own metadata is compared with what the config builds, so that a checkpoint of
-another model is named as such, and one that cannot be read says why.
+checkpoint (a killed process, a full disk) is never listed and never loaded. Once a step is
+complete, process 0 seals it: STEP/lmjax_checksums.json records every file's size and CRC-32
+(`seal`, at the next save or at close). Before restoring, `newest_good_step` verifies the seals
+from the newest step down and moves a step whose files do not match (truncated, garbled, deleted)
+aside to CHECKPOINTS-damaged/STEP with a NOTE, never deleting it; the checkpoint's own metadata is
+then compared with what the config builds, so that a checkpoint of another model is named as
+such, and one that cannot be read says why (`CheckpointError.damaged`).
 
 Open checkpoints with `open_checkpoints(directory, ...)`; the directory comes from
 `workdir.checkpoint_dir`.
@@ -12,14 +16,50 @@ Open checkpoints with `open_checkpoints(directory, ...)`; the directory comes fr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import time
 from typing import Iterator
+import zlib
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from lmjax import distributed
 from lmjax.errors import CheckpointError
+
+SEAL = "lmjax_checksums.json"  # in each step's directory once it is complete
+NOTE = "NOTE.txt"  # beside a damaged step that was moved aside
+
+
+def _damaged(message: str) -> CheckpointError:
+  """A CheckpointError for files that cannot be read (not a config mismatch): restoring falls
+  back to an earlier step."""
+  error = CheckpointError(message)
+  error.damaged = True
+  return error
+
+
+def _files(directory: epath.Path) -> dict[str, epath.Path]:
+  """Every file under a step directory, by its path relative to it (the seal excluded)."""
+  out = {}
+  for root, _, names in directory.walk():
+    for name in names:
+      path = epath.Path(root) / name
+      rel = os.path.relpath(os.fspath(path), os.fspath(directory))
+      if rel != SEAL:
+        out[rel] = path
+  return out
+
+
+def _crc32(path: epath.Path) -> str:
+  crc = 0
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      crc = zlib.crc32(block, crc)
+  return f"{crc:08x}"
 
 
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
@@ -69,7 +109,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            enable_async_checkpointing=async_save,
                                            read_only=read_only)
-    self.directory = directory
+    self.directory, self.read_only = directory, read_only
     # handlers named up front: a manager that only reads can then read the items' metadata
     self.manager = ocp.CheckpointManager(
         directory, options=options,
@@ -83,9 +123,80 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+    self.manager.wait_until_finished()  # Orbax would wait for the previous save here anyway
+    self.seal()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
     return self.manager.save(step, args=args, force=force)
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def seal(self) -> None:
+    """Records the size and CRC-32 of every file of each complete step that has no seal yet
+    (process 0; Orbax lists a step only once all processes finished writing it)."""
+    if jax.process_index() != 0:
+      return
+    for step in self.all_steps():
+      seal = self._step_dir(step) / SEAL
+      if seal.exists():
+        continue
+      files = {rel: [path.stat().length, _crc32(path)]
+               for rel, path in sorted(_files(self._step_dir(step)).items())}
+      partial = seal.with_name(SEAL + ".tmp")
+      partial.write_text(json.dumps({"files": files}))
+      partial.replace(seal)
+
+  def verify(self, step: int) -> str | None:
+    """Why the files of `step` do not match its seal, or None (also for a step without a seal:
+    an older checkpoint, or one whose run was killed before sealing it)."""
+    seal = self._step_dir(step) / SEAL
+    if not seal.exists():
+      return None
+    try:
+      recorded = json.loads(seal.read_text())["files"]
+    except (ValueError, KeyError) as e:
+      return f"its checksum file {seal} is damaged ({e})"
+    present = _files(self._step_dir(step))
+    for rel, (size, crc) in recorded.items():
+      if rel not in present:
+        return f"{rel} is missing"
+      if present[rel].stat().length != size:
+        return f"{rel} is {present[rel].stat().length} bytes, {size} when saved"
+      if _crc32(present[rel]) != crc:
+        return f"{rel} does not have the contents it was saved with (CRC-32)"
+    return None
+
+  def move_aside(self, step: int, reason: str) -> str:
+    """Moves a damaged step out of the checkpoint directory, with a note; returns where."""
+    aside = epath.Path(str(self.directory).rstrip("/") + "-damaged")
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      target = aside / str(step)
+      if target.exists():
+        target = aside / f"{step}.{int(time.time())}"
+      self._step_dir(step).rename(target)
+      (target / NOTE).write_text(f"Step {step} was moved here from {self.directory} on "
+                                 f"{time.ctime()}: {reason}\n")
+    self.manager.reload()
+    return os.fspath(aside)
+
+  def newest_good_step(self) -> tuple[int | None, list[str]]:
+    """(the newest step whose files match their seal, or None; a line for each newer step that
+    did not and was moved aside). Process 0 verifies; every process gets its answer."""
+    def find() -> str:
+      moved = []
+      for step in sorted(self.all_steps(), reverse=True):
+        problem = self.verify(step)
+        if problem is None:
+          return json.dumps({"step": step, "moved": moved})
+        where = self.move_aside(step, problem)
+        moved.append(f"Checkpoint step {step} is damaged ({problem}): moved to {where}.")
+      return json.dumps({"step": None, "moved": moved})
+    found = json.loads(distributed.share_from_process_0(find, "checkpoint-verify"))
+    if jax.process_index() > 0:
+      self.manager.reload()
+    return found["step"], found["moved"]
 
   def save_params(self, step: int, params) -> bool:
     """Params alone, no optimizer state, RNG or data position (an import: training creates the
@@ -119,10 +230,9 @@ class Checkpointer:
       saved = getattr(saved, "tree", saved)
       saved = saved[subtree] if subtree else saved
     except Exception as e:  # noqa: BLE001 - any failure to read it means the same to the user
-      raise CheckpointError(
+      raise _damaged(
           f"The checkpoint at step {step} in {self.directory} has unreadable metadata "
-          f"({_brief(e)}): it is damaged or incomplete. Delete that step's directory to use an "
-          "earlier one.") from e
+          f"({_brief(e)}): it is damaged or incomplete.") from e
     diffs = mismatches(_shapes(saved), _shapes(abstract))
     if diffs:
       raise CheckpointError(
@@ -131,9 +241,9 @@ class Checkpointer:
           "with (config.json beside it) or a new --workdir.")
 
   def _unreadable(self, step: int, e: Exception) -> CheckpointError:
-    return CheckpointError(
+    return _damaged(
         f"The checkpoint at step {step} in {self.directory} cannot be read ({_brief(e)}): its "
-        "files are damaged or incomplete. Delete that step's directory to use an earlier one.")
+        "files are damaged or incomplete.")
 
   def restore(self, step: int | None, abstract_state):
     """(state, data position) onto the shardings in `abstract_state` (ShapeDtypeStructs with
@@ -168,9 +278,12 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self.seal()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    if not self.read_only:
+      self.seal()
     self.manager.close()
 
 

@@ -27,6 +27,7 @@ class DataError(LmjaxError, ValueError):
 
 class CheckpointError(LmjaxError):
   """A checkpoint that is missing, cannot be read, or holds another model than the config's."""
+  damaged = False  # True: its files cannot be read (restoring falls back to an earlier step)
 
 
 class ConversionError(LmjaxError, ValueError):

@@ -34,6 +34,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import evaluate as evaluate_lib
 from lmjax import lora as lora_lib
+from lmjax import lock
 from lmjax import loop
 from lmjax import workdir as workdir_lib
 from lmjax.data import tasks
@@ -182,6 +183,11 @@ def finetune(cfg, workdir: str, progress: bool = True, stop_at_step: int | None 
   """Fine-tunes (or resumes) into `workdir` from cfg.finetune.init; at the end writes the merged
   run. Returns the loop's result plus 'data' (example counts) and 'exported' (the step of
   WORKDIR/checkpoints, or None when stopped early)."""
+  with lock.hold(workdir, "finetune", "lmjax finetune"):
+    return _finetune(cfg, workdir, progress, stop_at_step)
+
+
+def _finetune(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> dict:
   workdir_lib.check_compatible(cfg, workdir)
   data = tasks.load_task_data(cfg)  # every data error before any compilation
   f = cfg.finetune

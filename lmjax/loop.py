@@ -22,7 +22,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import distributed
 from lmjax import metrics as metrics_lib
 from lmjax import workdir as workdir_lib
-from lmjax.errors import TrainingError
+from lmjax.errors import CheckpointError, TrainingError
 from lmjax.evaluate import format_result
 from lmjax.flops import flops_per_token
 
@@ -140,12 +140,30 @@ def format_train(step: int, record: dict) -> str:
 
 
 def restore_or_init(run, checkpoints, train_iter, workdir: str):
-  """(state, start step): the latest checkpoint with its data position, else `run.init()`. A
-  checkpoint of params alone (an import) starts the run from those params with a fresh optimizer
-  state, at that checkpoint's step."""
-  start = checkpoints.latest_step()
-  if start is None:
-    return run.init(), 0
+  """(state, start step): the newest checkpoint that is whole, with its data position, else
+  `run.init()`. Damaged steps (their files do not match their checksums, or cannot be read) are
+  moved aside and reported, and the next older one is used. A checkpoint of params alone (an
+  import) starts the run from those params with a fresh optimizer state, at its step."""
+  while True:
+    start, moved = checkpoints.newest_good_step()
+    for line in moved:
+      log(line)
+    if start is None:
+      if moved:
+        raise CheckpointError(f"No checkpoint in {checkpoints.directory} is whole (each was "
+                              "moved aside, above). Rerun to train from scratch, or move a "
+                              "step back from there.")
+      return run.init(), 0
+    try:
+      return _restore(run, checkpoints, train_iter, workdir, start)
+    except CheckpointError as e:
+      if not e.damaged or jax.process_count() > 1:
+        raise
+      log(f"Checkpoint step {start} is damaged ({e}): moved to "
+          f"{checkpoints.move_aside(start, str(e))}.")
+
+
+def _restore(run, checkpoints, train_iter, workdir: str, start: int):
   if checkpoints.params_only(start):
     state = run.init_from(checkpoints.restore_params(start, run.abstract_state.params))
     state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32),

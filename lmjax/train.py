@@ -1,6 +1,6 @@
 """Pretraining (`lmjax train`): a config and a workdir in, a trained (or resumed) run out.
 
-  check the workdir -> prepare the data (process 0) -> build the run -> the loop -> a sample
+  lock the workdir (lmjax.lock) -> check it -> prepare the data (process 0) -> build the run -> the loop -> a sample
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from lmjax import builder
 from lmjax import data as data_lib
 from lmjax import evaluate as evaluate_lib
 from lmjax import generate
+from lmjax import lock
 from lmjax import loop
 from lmjax import metrics as metrics_lib
 from lmjax import workdir as workdir_lib
@@ -28,6 +29,11 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
   `stop_at_step` ends this invocation early (with a checkpoint) as a preemption would, keeping
   the schedule of the full `train.steps`.
   """
+  with lock.hold(workdir, "pretraining", "lmjax train"):
+    return _train(cfg, workdir, progress, stop_at_step)
+
+
+def _train(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> dict:
   workdir_lib.check_compatible(cfg, workdir)
   run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))  # errors before the data
   prepare_data(cfg, workdir)

@@ -9,6 +9,7 @@ a workdir (the one compatibility check).
     data/                        prepared data (or data.prepared_dir; local or in a bucket):
                                  tokenizer.model, index.json, token shards
     metrics.jsonl, events.*      metrics (JSON lines) and TensorBoard events
+    .lock (lock.json in a bucket) the lock of the run writing here (lmjax.lock)
     classifier.npz               a classification fine-tuning's head, labels and pooling
     result.json                  a sweep point's final numbers
   SWEEP/                         a sweep directory: sweep.json, results.jsonl, fit.json, plots/,
@@ -126,6 +127,23 @@ def local_copy(path: str, version: str = "") -> str:
 def tokenizer_path(cfg, workdir: str) -> str:
   """data.tokenizer, else the tokenizer prepared for the run (which may not exist yet)."""
   return cfg.data.tokenizer or os.path.join(prepared_dir(cfg, workdir), TOKENIZER)
+
+
+KIND_COMMANDS = {"pretraining": "lmjax train", "finetune": "lmjax finetune",
+                 "sweep": "lmjax sweep"}
+
+
+def kind(workdir: str) -> str | None:
+  """What a workdir holds: "sweep" (sweep.json), "finetune" (a fine-tuning's state or config),
+  "pretraining" (a `lmjax train` run or an import, which training continues), or None (new)."""
+  if sweep_plan_path(workdir).exists():
+    return "sweep"
+  if join(workdir, FINETUNE_STATE).exists():
+    return "finetune"
+  if has_run(workdir):
+    return "finetune" if read_json(config_path(workdir)).get("finetune", {}).get("init") else (
+        "pretraining")
+  return "pretraining" if has_checkpoint(workdir) else None
 
 
 def has_run(workdir: str) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 
 from lmjax import builder
 from lmjax import checkpoint as ckpt_lib
+from lmjax import lock
 from lmjax import workdir as workdir_lib
 from lmjax.data import tokenizer as tokenizer_lib
 from lmjax.errors import ConversionError
@@ -34,6 +35,11 @@ from lmjax.trees import (flatten, to_host, unflatten, unscanned_shapes)
 def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()):
   """HF model directory -> lmjax run in `workdir` (config.json, checkpoint at step 0); returns
   the resolved config. Nothing is written before every tensor has been checked."""
+  with lock.hold(workdir, "pretraining", "lmjax convert --from_hf"):
+    return _import_hf(hf_dir, workdir, config_overrides)
+
+
+def _import_hf(hf_dir: str, workdir: str, config_overrides: Sequence[str]):
   hf = files.read_hf_config(hf_dir)
   tensor_files = files.tensor_files(hf_dir)
   sp_model = os.path.join(hf_dir, workdir_lib.TOKENIZER)  # SentencePiece (Llama, Mistral)

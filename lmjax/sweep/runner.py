@@ -11,6 +11,7 @@ from etils import epath
 
 from lmjax import data as data_lib
 from lmjax import evaluate as evaluate_lib
+from lmjax import lock
 from lmjax import metrics as metrics_lib
 from lmjax import train as train_lib
 from lmjax import workdir as workdir_lib
@@ -105,6 +106,7 @@ def _start(s, spec: str, workdir: str, overrides, only: str | None):
   for p in points:
     check_point_config(p)
   statuses = {p.name: status(p) for p in points}
+  lock.check_kind(workdir, "sweep")  # each point's run locks its own directory
   if jax.process_index() == 0:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     workdir_lib.sweep_plan_path(workdir).write_text(json.dumps(
