@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
 import signal
@@ -25,6 +26,8 @@ from lmjax import workdir as workdir_lib
 from lmjax.errors import CheckpointError, TrainingError
 from lmjax.evaluate import format_result
 from lmjax.flops import flops_per_token
+
+GUARD_MIN_HISTORY = 10  # steps seen before the gradient-norm check starts
 
 log = metrics_lib.log
 
@@ -178,15 +181,56 @@ def _restore(run, checkpoints, train_iter, workdir: str, start: int):
   return state, start
 
 
-def check_finite(step: int, metrics, checkpoints) -> None:
-  """Stops a diverged run before anything after the divergence is saved."""
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
-    checkpoints.wait()
+class Guard:
+  """Stops a diverging run before anything after the divergence is saved: a loss or gradient
+  norm that is not finite, a gradient norm of exactly 0 (the model collapsed), or, with
+  train.spike_factor > 0, a loss over spike_factor times the mean of the last train.spike_window
+  losses (and at least 1 nat above it) or, once GUARD_MIN_HISTORY steps are seen, a gradient norm
+  over spike_factor**2 times their mean. Each step is checked once, one step late (the host reads
+  step N's metrics while N+1 computes), and always before a checkpoint of it is written."""
+
+  def __init__(self, cfg, checkpoints):
+    self.factor, self.window = cfg.train.spike_factor, cfg.train.spike_window
+    self.checkpoints = checkpoints
+    self.losses, self.norms = collections.deque(maxlen=self.window), collections.deque(
+        maxlen=self.window)
+    self.checked = -1
+
+  def check(self, step: int, metrics) -> None:
+    if step <= self.checked:
+      return
+    self.checked = step
+    loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    problem = None
+    if not math.isfinite(loss) or not math.isfinite(norm):
+      bad = [f"{name} became {value}" for name, value in (("the loss", loss),
+             ("the gradient norm", norm)) if not math.isfinite(value)]
+      problem = " and ".join(bad)
+    elif norm == 0.0:
+      problem = f"the gradient norm became 0 (loss {loss:.4g}): the model collapsed"
+    elif self.factor > 0 and self.losses:
+      mean_loss, mean_norm = sum(self.losses) / len(self.losses), sum(self.norms) / len(
+          self.norms)
+      if loss > max(self.factor * mean_loss, mean_loss + 1.0):
+        problem = (f"the loss spiked to {loss:.4g}, {loss / mean_loss:.1f}x the mean of the last "
+                   f"{len(self.losses)} steps ({mean_loss:.4g}; train.spike_factor="
+                   f"{self.factor})")
+      elif len(self.norms) >= GUARD_MIN_HISTORY and norm > self.factor ** 2 * mean_norm:
+        problem = (f"the gradient norm exploded to {norm:.4g}, {norm / mean_norm:.1f}x the mean "
+                   f"of the last {len(self.norms)} steps ({mean_norm:.4g})")
+    if problem is None:
+      self.losses.append(loss)
+      self.norms.append(norm)
+      return
+    self.checkpoints.wait()
+    last = self.checkpoints.latest_step()
+    saved = (f"the last checkpoint, from before it, is step {last} in "
+             f"{self.checkpoints.directory}" if last is not None else
+             "no checkpoint was saved before it")
     raise TrainingError(
-        f"Loss became {loss} at step {step}: training diverged. Nothing after it was saved; the "
-        f"last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}. "
-        "Lower optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun.")
+        f"Training diverged at step {step}: {problem}. Nothing after it was saved; {saved}. Lower "
+        "optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun (it "
+        "resumes from that checkpoint); train.spike_factor=0 turns the spike check off.")
 
 
 def log_start(run) -> None:
@@ -238,6 +282,7 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
   t = run.cfg.train
   last = {"train": {}, "val": {}, "stopped_by": None}
   pending = None  # (step, metrics) of the previous step, checked one step late to keep async
+  guard = Guard(run.cfg, checkpoints)
 
   def next_batch():  # (the batch placed on the devices, the data position after it)
     batch = run.put_batch(next(train_iter))
@@ -253,12 +298,12 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
       if done < t.steps:  # the next batch loads and transfers while this step computes
         upcoming = next_batch()
       if pending is not None:
-        check_finite(*pending, checkpoints)
+        guard.check(*pending)
       pending = (done, metrics)
       report.stepped(metrics)
       if done % t.log_every == 0 or done == t.steps:
         metrics = jax.device_get(metrics)
-        check_finite(done, metrics, checkpoints)
+        guard.check(done, metrics)
         last["train"] = report.train_record(done, metrics)
       if report.bar is not None:
         report.bar.update(1)
@@ -271,13 +316,13 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
         stop.requested = f"stop_at_step={stop_at_step}"
       stop.check(done)  # every host saves at the same step (no device work: no wait)
       if done % t.checkpoint_every == 0 or done == t.steps or stop.requested:
-        check_finite(*pending, checkpoints)
+        guard.check(*pending)
         checkpoints.save(done, state, data_state, force=True)  # position after `batch`
         report.restart_clock()
       if stop.requested:
         last["stopped_by"] = stop.requested
         break
     if pending is not None:
-      check_finite(*pending, checkpoints)
+      guard.check(*pending)
   return state, last
 

@@ -42,7 +42,8 @@ RANGES = {
     "data.num_workers": ">=0", "data.prefetch": ">=0",
     "train.steps": ">=1", "train.batch_size": ">=1", "train.seed": "any", "train.log_every": ">=1",
     "train.eval_every": ">=1", "train.eval_batches": ">=1", "train.checkpoint_every": ">=1",
-    "train.keep_checkpoints": ">=1", "train.mask_prob": "(0,1]",
+    "train.keep_checkpoints": ">=1", "train.spike_factor": "0|>1", "train.spike_window": ">=1",
+    "train.mask_prob": "(0,1]",
     "train.mask_token_fraction": "[0,1]", "train.random_token_fraction": "[0,1]",
     "train.mask_token_id": ">=-1",
     "optim.learning_rate": ">0", "optim.warmup_steps": ">=0", "optim.min_lr_ratio": "[0,1]",
@@ -125,6 +126,10 @@ def _train() -> ConfigDict:
   s.eval_batches = 8
   s.checkpoint_every = 500
   s.keep_checkpoints = 3
+  # stop when the loss exceeds spike_factor x the mean of the last spike_window losses (and is at
+  # least 1 nat above it), or the gradient norm spike_factor**2 x theirs; 0 = off
+  s.spike_factor = 4.0
+  s.spike_window = 50
   s.sample_prompt = ""  # printed with a sample continuation at the end of training
   s.objective = "causal_lm"  # causal_lm (next token) | masked_lm (BERT; model.causal=False)
   s.mask_prob = 0.15  # masked_lm: fraction of (non-pad) tokens selected for prediction

@@ -120,8 +120,8 @@ def _outside(spec: str, integer: bool) -> list:
   """Values just outside a RANGES spec (config.in_range's grammar)."""
   if spec == "any":
     return []
-  if "|" in spec:  # "-1|>=1": between and below
-    return [0, -2]
+  if "|" in spec:  # a sentinel or a range: between them, and below both
+    return {"-1|>=1": [0, -2], "0|>1": [0.5, -1.0]}[spec]
   step = 1 if integer else 1e-3
   if spec[0] in "[(":
     low, high = (float(x) for x in spec[1:-1].split(","))

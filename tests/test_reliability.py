@@ -92,7 +92,8 @@ def test_a_workdir_of_one_kind_refuses_the_commands_of_another(tmp_path, have):
     with pytest.raises(ConfigError, match=rf"holds a {have} run .*Use a new --workdir"):
       with lock.hold(str(workdir), want, "test"):
         pass
-  assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written, lock released
+  # nothing written by the refusals (the lock file of the accepted one stays, unlocked)
+  assert sorted(p.name for p in workdir.iterdir() if p.name != lock.LOCK_FILE) == before
 
 
 def test_train_refuses_an_unfinished_fine_tuning(tmp_path):
@@ -164,7 +165,7 @@ def six_steps(tmp_path_factory):
   cfg = lambda steps: tiny_config(f"train.steps={steps}", "train.checkpoint_every=2",
                                   "train.keep_checkpoints=3", "train.eval_every=100")
   train_lib.train(cfg(8), str(root / "straight"), progress=False)
-  train_lib.train(cfg(6), str(root / "six"), progress=False)
+  train_lib.train(cfg(8), str(root / "six"), progress=False, stop_at_step=6)  # same schedule
   return root, cfg, _train_losses(root / "straight")
 
 
@@ -195,3 +196,24 @@ def test_a_damaged_newest_step_is_moved_aside_and_the_run_resumes_from_the_one_b
   assert aside.is_dir() and "Step 6 was moved here" in (aside / "NOTE.txt").read_text()
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
       4, 6, 8]
+
+
+# --- divergence is caught while the values are still finite -----------------------------------
+
+def test_a_loss_spike_stops_the_run_before_a_checkpoint_of_the_broken_model(tmp_path):
+  """At lr=200 the loss climbs to thousands and the model collapses, all in finite numbers: the
+  guard stops at the spike, with the checkpoint before it named and nothing after it saved."""
+  from conftest import tiny_config
+  from lmjax import train as train_lib
+  from lmjax.errors import TrainingError
+  cfg = tiny_config("train.steps=200", "train.checkpoint_every=1", "optim.learning_rate=200.0",
+                    "optim.warmup_steps=20", "train.eval_every=1000", "optim.learning_rate=200")
+  with pytest.raises(TrainingError, match=r"Training diverged at step (\d+): the (loss spiked|"
+                     r"gradient norm)") as info:
+    train_lib.train(cfg, str(tmp_path), progress=False)
+  step = int(str(info.value).split("at step ")[1].split(":")[0])
+  kept = latest_step(tmp_path)
+  assert kept is not None and kept < step and f"before it, is step {kept}" in str(info.value)
+  losses = _train_losses(tmp_path)
+  assert max(losses[s] for s in range(1, kept + 1)) < 4 * losses[1]  # what was kept is sound
+  assert "Traceback" not in str(info.value)

@@ -90,7 +90,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
     train_lib.train(cfg, str(tmp_path), progress=False)
   kept = latest_step(tmp_path)
   assert kept is not None and kept < 40
-  assert f"checkpoint is step {kept}" in str(info.value)
+  assert f"the last checkpoint, from before it, is step {kept}" in str(info.value)
   # the kept checkpoint restores to finite params
   _, _, params, _ = builder.load_params(str(tmp_path))
   import jax
