@@ -34,6 +34,7 @@ class Classifier:
   def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
     """[len(texts), classes] float32, computed as in training (text + eos, cut to seq_len)."""
     rows = encode_classification(texts, self.tokenizer, self.cfg.data.seq_len)
+    rows.pop("truncated")
     out = [np.asarray(self._step(self.params, {k: v[i:i + batch_size] for k, v in rows.items()}))
            for i in range(0, len(texts), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)

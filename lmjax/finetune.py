@@ -174,7 +174,9 @@ def _describe(cfg, run, data) -> str:
         f"; {cut} examples cut to data.seq_len + 1 tokens" if cut else "") + (
         f"; {dropped} left out (no response token within them)" if dropped else "")
   else:
-    counts += f"; {len(data.labels)} classes"
+    cut = sum(s.get("truncated", 0) for s in data.stats.values() if isinstance(s, dict))
+    counts += f"; {len(data.labels)} classes" + (
+        f"; {cut} texts cut to data.seq_len - 1 tokens (and eos)" if cut else "")
   return (f"Fine-tuning ({f.task}, {how}: {run.num_trainable / 1e6:.3f}M trainable) from "
           f"{f.init}; examples: {counts}.")
 

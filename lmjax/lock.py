@@ -5,7 +5,7 @@ life (by process 0 of a multi-host run; the other processes refuse with it). It 
 workdir of another kind (a pretraining run, a fine-tuning, a sweep: `workdir.kind`), then takes
 
   local workdir   an flock on WORKDIR/.lock: the kernel drops it when the holder dies, however it
-                  dies, so a killed run never leaves it stuck;
+                  dies, so a killed run never leaves it stuck (the file is removed on release);
   bucket (gs://)  a lease, WORKDIR/lock.json, with the holder's host, pid and an expiry that a
                   background thread renews every LEASE_S / 3 seconds: a killed holder's lease
                   lapses after LEASE_S.
@@ -79,10 +79,12 @@ class _FileLock:
     self.fd = fd
 
   def release(self) -> None:
+    """Removes the lock file (a run that waited on it locks the new file instead: see acquire),
+    and the workdir if this lock created it and nothing was written there."""
     if self.fd is None:
       return
-    if self.created and os.listdir(self.workdir) == [LOCK_FILE]:  # nothing was written: no trace
-      os.remove(self.path)
+    os.remove(self.path)
+    if self.created and not os.listdir(self.workdir):
       os.rmdir(self.workdir)
     os.close(self.fd)  # closing drops the flock
     self.fd = None

@@ -127,7 +127,7 @@ def _train() -> ConfigDict:
   s.checkpoint_every = 500
   s.keep_checkpoints = 3
   # stop when the loss exceeds spike_factor x the mean of the last spike_window losses (and is at
-  # least 1 nat above it), or the gradient norm spike_factor**2 x theirs; 0 = off
+  # least 1 nat above it); 0 = off (non-finite values and a zero gradient norm always stop)
   s.spike_factor = 4.0
   s.spike_window = 50
   s.sample_prompt = ""  # printed with a sample continuation at the end of training

@@ -407,3 +407,23 @@ def test_corpus_glob_tokenizer_and_shards_in_a_bucket(bucket, tmp_path, corpus):
   assert cached == sorted(s["file"] for s in index["splits"]["train"]["shards"])
   with pytest.raises(ValueError, match=r"`\*\*` is not supported"):
     sources.text_files("gs://b/**/*.txt")
+
+
+def test_corpus_errors_keep_their_own_message_and_leave_no_prepared_dir(tmp_path):
+  """A malformed line met while training the tokenizer is reported as itself (file and line),
+  not as a tokenizer failure; a one-document corpus says that document is the validation split;
+  neither leaves a prepared dir behind."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  lines = [json.dumps({"text": python_like_doc(i)}) for i in range(30)]
+  lines[12] = '{"text": "cut'
+  (corpus / "a.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match=r"a.jsonl:13 is not valid JSON") as info:
+    data.prepare(make_cfg(f"text:{corpus}/*.jsonl"), str(tmp_path / "run"))
+  assert "Training the tokenizer failed" not in str(info.value)
+  assert not (tmp_path / "run" / "data").exists()
+  (corpus / "a.jsonl").unlink()
+  (corpus / "one.txt").write_text(python_like_doc(0))
+  with pytest.raises(ValueError, match=r"has 1 document\(s\), all held out for validation"):
+    data.prepare(make_cfg(f"text:{corpus}/*.txt"), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "data").exists()

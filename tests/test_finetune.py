@@ -335,6 +335,9 @@ def test_packed_examples_do_not_see_each_other():
     return [losses_lib.pool(hidden, rows["segments"], p) for p in ("mean", "last", "first")]
 
   short, long = (tasks.encode_classification(texts, Tokenizer(), t) for t in (12, 32))
+  # a text that does not fit with its eos is counted as cut
+  assert tasks.encode_classification(texts, Tokenizer(), 7)["truncated"].tolist() == [False, True]
+  assert not long.pop("truncated").any() and short.pop("truncated").tolist() == [False, False]
   np.testing.assert_allclose(pooled(short), pooled(long), rtol=1e-5, atol=1e-6)
 
 

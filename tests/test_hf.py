@@ -402,6 +402,20 @@ def test_rope_scaling_is_refused(models, tmp_path):
   bad = _edit_config(models.hf("llama_gqa")[1], tmp_path / "scaled",
                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
   assert "RoPE scaling 'linear'" in _import_error(bad, tmp_path / "run")
+  # a default rope_parameters beside a linear rope_scaling: transformers scales, so lmjax refuses
+  both = _edit_config(models.hf("llama_gqa")[1], tmp_path / "both",
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                      rope_scaling={"type": "linear", "factor": 2.0})
+  assert "RoPE scaling 'linear'" in _import_error(both, tmp_path / "run2")
+
+
+def test_a_truncated_safetensors_file_is_named(models, tmp_path):
+  damaged = tmp_path / "damaged"
+  shutil.copytree(models.hf("gpt2")[1], damaged)
+  weights = damaged / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+  message = _import_error(damaged, tmp_path / "run")
+  assert str(weights) in message and "truncated or damaged" in message
 
 
 def test_overrides_cannot_contradict_the_checkpoint(models, tmp_path):

@@ -92,8 +92,7 @@ def test_a_workdir_of_one_kind_refuses_the_commands_of_another(tmp_path, have):
     with pytest.raises(ConfigError, match=rf"holds a {have} run .*Use a new --workdir"):
       with lock.hold(str(workdir), want, "test"):
         pass
-  # nothing written by the refusals (the lock file of the accepted one stays, unlocked)
-  assert sorted(p.name for p in workdir.iterdir() if p.name != lock.LOCK_FILE) == before
+  assert sorted(p.name for p in workdir.iterdir()) == before  # nothing written, lock released
 
 
 def test_train_refuses_an_unfinished_fine_tuning(tmp_path):
@@ -209,7 +208,7 @@ def test_a_loss_spike_stops_the_run_before_a_checkpoint_of_the_broken_model(tmp_
   cfg = tiny_config("train.steps=200", "train.checkpoint_every=1", "optim.learning_rate=200.0",
                     "optim.warmup_steps=20", "train.eval_every=1000", "optim.learning_rate=200")
   with pytest.raises(TrainingError, match=r"Training diverged at step (\d+): the (loss spiked|"
-                     r"gradient norm)") as info:
+                     r"gradient norm became 0)") as info:
     train_lib.train(cfg, str(tmp_path), progress=False)
   step = int(str(info.value).split("at step ")[1].split(":")[0])
   kept = latest_step(tmp_path)

@@ -35,7 +35,7 @@ from lmjax import distributed
 from lmjax import workdir as workdir_lib
 from lmjax.data.sources import is_validation_document, iter_documents
 from lmjax.data.tokenizer import check_vocab, file_sha256, load_tokenizer, resolve_tokenizer
-from lmjax.errors import ConfigError, DataError
+from lmjax.errors import ConfigError, DataError, LmjaxError
 
 SPLITS = ("train", "val")
 TASK_CHARS = 1 << 18  # text per worker task: large enough to amortize pickling, small for the bar
@@ -242,7 +242,20 @@ def _remove_stale_shards(out_dir: str, keep: set[str]) -> None:
 
 
 def prepare(cfg, workdir: str) -> dict:
-  """Tokenizes the corpus into shards (resuming an interrupted run); returns the index."""
+  """Tokenizes the corpus into shards (resuming an interrupted run); returns the index. A
+  prepared dir this call created is removed again if the corpus or the settings are refused (an
+  LmjaxError); an interrupted one is kept, to resume."""
+  out_dir = epath.Path(workdir_lib.prepared_dir(cfg, workdir))
+  created = not out_dir.exists()
+  try:
+    return _prepare(cfg, workdir)
+  except LmjaxError:
+    if created and out_dir.exists():
+      out_dir.rmtree()
+    raise
+
+
+def _prepare(cfg, workdir: str) -> dict:
   out_dir = workdir_lib.prepared_dir(cfg, workdir)
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   tokenizer_path = resolve_tokenizer(cfg, workdir)

@@ -7,7 +7,8 @@
                   rows of data.seq_len (best-fit decreasing); each keeps its own positions (from 0)
                   and attends only within itself (segment ids), so packing changes no example's
                   loss. Tokens past seq_len + 1 are cut.
-  classification  {"text": str, "label": int or str}. Tokens: text cut to seq_len - 1, eos.
+  classification  {"text": str, "label": int or str}. Tokens: text cut to seq_len - 1 (counted:
+                  stats' "truncated"), eos.
 
 finetune.val_fraction of the examples (drawn by train.seed) are held out; `eval_batches` yields
 every held-out row once.
@@ -158,13 +159,17 @@ def classification_labels(records, num_classes: int) -> tuple[list[int], list[st
 
 
 def encode_classification(texts: list[str], tokenizer, seq_len: int) -> dict:
-  """Rows {inputs, positions, segments (1 = token, 0 = pad)} [N, T] of text + eos."""
+  """Rows {inputs, positions, segments (1 = token, 0 = pad)} [N, T] of text + eos, and
+  "truncated" [N] (bool: the text was cut to fit)."""
   eos = tokenizer.eos_id()
   rows = {"inputs": np.zeros((len(texts), seq_len), np.int32),
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                        (len(texts), seq_len)).copy(),
-          "segments": np.zeros((len(texts), seq_len), np.int32)}
+          "segments": np.zeros((len(texts), seq_len), np.int32),
+          "truncated": np.zeros(len(texts), bool)}
+  room = seq_len - 1 if eos >= 0 else seq_len
   for i, ids in enumerate(tokenizer.encode(list(texts))):
+    rows["truncated"][i] = len(ids) > room
     ids = (list(ids)[:seq_len - 1] + [eos]) if eos >= 0 else (list(ids)[:seq_len] or [0])
     rows["inputs"][i, :len(ids)], rows["segments"][i, :len(ids)] = ids, 1
   return rows
@@ -211,8 +216,10 @@ def load_task_data(cfg) -> TaskData:
                                cfg.data.seq_len)
   rows["labels"] = np.asarray(ids, np.int32)
   rows["valid"] = np.ones(len(ids), np.float32)
+  truncated = rows.pop("truncated")
   take = lambda idx: {k: v[idx] for k, v in rows.items()}
-  stats = {"train": {"examples": len(train_idx)}, "val": {"examples": len(val_idx)},
+  stats = {"train": {"examples": len(train_idx), "truncated": int(truncated[train_idx].sum())},
+           "val": {"examples": len(val_idx), "truncated": int(truncated[val_idx].sum())},
            "classes": len(names)}
   return TaskData(take(train_idx), take(val_idx) if len(val_idx) else None, stats, names)
 

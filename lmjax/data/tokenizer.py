@@ -50,14 +50,22 @@ def training_chunks(docs: Iterable[str], max_chars: int = CHUNK_CHARS) -> Iterat
 
 
 def tokenizer_sample(cfg) -> Iterator[str]:
-  """The training documents (validation ones left out) up to ~`data.tokenizer_sample_bytes`."""
-  budget = cfg.data.tokenizer_sample_bytes
+  """The training documents (validation ones left out) up to ~`data.tokenizer_sample_bytes`.
+  Raises a DataError if none is left for training."""
+  budget, seen, trained_on = cfg.data.tokenizer_sample_bytes, 0, 0
   for doc_index, doc in enumerate(iter_documents(cfg)):
     if budget <= 0:
       return
+    seen += 1
     if not is_validation_document(doc_index, cfg.data.val_fraction):
       budget -= len(doc.encode("utf-8"))
+      trained_on += 1
       yield doc
+  if not trained_on:
+    raise DataError(f"data.source='{cfg.data.source}' has {seen} document(s), all held out for "
+                    "validation (document 0 always is, and a fraction data.val_fraction="
+                    f"{cfg.data.val_fraction} of the rest), so none is left to train on. Give it "
+                    "more documents (a .txt file is one document; a .jsonl line is one).")
 
 
 def train_tokenizer(cfg, out_prefix: str) -> str:
@@ -77,9 +85,18 @@ def train_tokenizer(cfg, out_prefix: str) -> str:
 
 
 def _train(cfg, tmp_prefix: str, vocab_size: int, masked_lm: bool) -> None:
+  raised = []  # an error of the corpus itself, which SentencePiece would report as its own
+
+  def sample():
+    try:
+      yield from training_chunks(tokenizer_sample(cfg))
+    except DataError as e:
+      raised.append(e)
+      raise
+
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=training_chunks(tokenizer_sample(cfg)),  # streamed: no corpus temp file
+        sentence_iterator=sample(),  # streamed: no corpus temp file
         model_prefix=tmp_prefix, model_type=cfg.data.tokenizer_type, vocab_size=vocab_size,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, byte_fallback=True,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
@@ -87,7 +104,9 @@ def _train(cfg, tmp_prefix: str, vocab_size: int, masked_lm: bool) -> None:
         user_defined_symbols=["\n"] + ([MASK_PIECE] if masked_lm else []),
         max_sentence_length=MAX_SENTENCE_BYTES,
         num_threads=os.cpu_count() or 1, minloglevel=2)
-  except RuntimeError as e:
+  except (RuntimeError, DataError) as e:
+    if raised:
+      raise raised[0] from None
     raise DataError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size "
                     f"(now {vocab_size}) or give it more text (data.tokenizer_sample_bytes, "
                     "data.max_bytes, data.source).") from None

@@ -29,10 +29,13 @@ def _rope_theta(hf: dict) -> float:
   """rope_theta from config.json, which transformers 5 nests in rope_parameters."""
   rope = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}
-  kind = rope.get("rope_type", "default") if "rope_type" in rope else (
-      scaling.get("rope_type") or scaling.get("type") or "default")
-  if kind != "default":  # llama3 / linear / yarn ... scale frequencies: other logits
-    raise ConversionError(f"RoPE scaling '{kind}' is not supported: lmjax implements plain RoPE.")
+  kinds = {rope.get("rope_type") or "default",
+           scaling.get("rope_type") or scaling.get("type") or "default"}
+  if kinds != {"default"}:  # llama3 / linear / yarn ... scale frequencies: other logits (either
+    # key counts: transformers reads rope_scaling even beside a default rope_parameters)
+    kind = sorted(kinds - {"default"})[0]
+    raise ConversionError(f"RoPE scaling '{kind}' is not supported (config.json's rope_parameters"
+                          f"/rope_scaling): lmjax implements plain RoPE.")
   if hf.get("partial_rotary_factor", 1.0) != 1.0:
     raise ConversionError("partial_rotary_factor != 1 is not supported: lmjax rotates whole heads.")
   return float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)

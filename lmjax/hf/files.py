@@ -63,7 +63,13 @@ class Tensors:
 
   def __init__(self, files: Sequence[str], rename=lambda names: {n: n for n in names}):
     from safetensors import safe_open
-    self._handles = [safe_open(path, framework="flax") for path in files]
+    self._files = list(files)
+    self._handles = []
+    for path in self._files:
+      try:
+        self._handles.append(safe_open(path, framework="flax"))
+      except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds
+        raise _damaged(path, e) from None
     stored = {name: k for k, h in enumerate(self._handles) for name in h.keys()}
     self._names = {new: (old, stored[old]) for old, new in rename(list(stored)).items()}
 
@@ -79,9 +85,18 @@ class Tensors:
 
   def read(self, name: str, index: tuple = ()) -> np.ndarray:
     old, k = self._names[name]
-    with jax.default_device(jax.devices("cpu")[0]):
-      piece = self._handles[k].get_slice(old)
-      return np.asarray(piece[index] if index else piece[:])
+    try:
+      with jax.default_device(jax.devices("cpu")[0]):
+        piece = self._handles[k].get_slice(old)
+        return np.asarray(piece[index] if index else piece[:])
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds
+      raise _damaged(self._files[k], e) from None
+
+
+def _damaged(path: str, e: Exception) -> ConversionError:
+  return ConversionError(f"'{path}' is not a readable safetensors file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}): it is truncated or damaged. Copy "
+                         "it again from its source.")
 
 
 def gpt2_names(model_type: str):
