@@ -16,6 +16,7 @@ Open checkpoints with `open_checkpoints(directory, ...)`; the directory comes fr
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -63,9 +64,16 @@ def _crc32(path: epath.Path) -> str:
 
 
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
-  """Orbax warns that a read-only manager is read-only and keeps every step: that is the point."""
-  return not record.getMessage().startswith(("Given directory is read only",
-                                             "CheckpointManagerOptions.read_only=True"))
+  """Orbax warns that a read-only manager is read-only and keeps every step: that is the point.
+  Its background threads also log each failure with a traceback, before the failure reaches the
+  loop, which reports it as one line (`Checkpointer._surfaced`)."""
+  message = record.getMessage()
+  if record.exc_info and record.exc_info[1] is not None:
+    message += str(record.exc_info[1])
+  return not (message.startswith(("Given directory is read only",
+                                  "CheckpointManagerOptions.read_only=True")) or
+              "_SignalingThread.run() raised an exception" in message or
+              "No space left on device" in message)
 
 
 logging.getLogger("absl").addFilter(_not_read_only_notice)
@@ -109,7 +117,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            enable_async_checkpointing=async_save,
                                            read_only=read_only)
-    self.directory, self.read_only = directory, read_only
+    self.directory, self.read_only, self.saving = directory, read_only, None
     # handlers named up front: a manager that only reads can then read the items' metadata
     self.manager = ocp.CheckpointManager(
         directory, options=options,
@@ -123,11 +131,36 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
-    self.manager.wait_until_finished()  # Orbax would wait for the previous save here anyway
+    self._surfaced(self.manager.wait_until_finished)  # Orbax would wait here anyway
     self.seal()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
-    return self.manager.save(step, args=args, force=force)
+    self.saving = step
+    return self._surfaced(lambda: self.manager.save(step, args=args, force=force))
+
+  def check_for_errors(self) -> None:
+    """Raises now if a save running in the background has failed (it does not wait for it)."""
+    self._surfaced(self.manager.check_for_errors)
+
+  def _complete_steps(self) -> list[int]:
+    directory = epath.Path(self.directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if (
+        directory.exists()) else []
+
+  def _surfaced(self, call):
+    """`call()`, with a full disk reported as one CheckpointError that names the step that
+    failed and the last complete one (Orbax raises it from its threads, at the next call)."""
+    try:
+      return call()
+    except Exception as e:
+      if getattr(e, "errno", None) != errno.ENOSPC and "No space left on device" not in str(e):
+        raise
+      steps = self._complete_steps()
+      raise CheckpointError(
+          f"Saving the checkpoint of step {self.saving} to {self.directory} failed: no space "
+          f"left on device. The last complete checkpoint is step "
+          f"{steps[-1] if steps else None}. Free space (or lower train.keep_checkpoints), then "
+          "rerun: it resumes from there.") from None
 
   def _step_dir(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step)
@@ -277,14 +310,16 @@ class Checkpointer:
     return restored["params"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._surfaced(self.manager.wait_until_finished)
     self.seal()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    if not self.read_only:
-      self.seal()
-    self.manager.close()
+    try:
+      self._surfaced(self.manager.wait_until_finished)
+      if not self.read_only:
+        self.seal()
+    finally:
+      self.manager.close()
 
 
 @contextlib.contextmanager
@@ -294,8 +329,11 @@ def open_checkpoints(directory: str, keep: int = 3, read_only: bool = False,
   checkpointer = Checkpointer(directory, keep, async_save=async_save, read_only=read_only)
   try:
     yield checkpointer
-  finally:
-    checkpointer.close()
+  except BaseException:
+    with contextlib.suppress(Exception):  # the error in flight is the one to report
+      checkpointer.close()
+    raise
+  checkpointer.close()
 
 
 def latest_step(directory: str) -> int | None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import signal
@@ -255,11 +256,11 @@ def run_loop(run, workdir: str, train_step, train_iter, evaluate: Callable | Non
       report = Progress(run, workdir, start, progress)
       state, last = _steps(run, state, start, train_step, train_iter, evaluate, checkpoints,
                            report, stop_at_step, format_eval)
-  finally:
-    if report is not None:
-      report.close()
-    if hasattr(train_iter, "close"):
-      train_iter.close()
+  except BaseException:
+    with contextlib.suppress(Exception):  # (a full disk fails these too) the error in flight
+      _close(report, train_iter)          # is the one to report
+    raise
+  _close(report, train_iter)
   final_step = int(jax.device_get(state.step))
   if last["stopped_by"]:
     log(f"Stopped by {last['stopped_by']} at step {final_step}; checkpoint saved. Rerun the same "
@@ -268,6 +269,13 @@ def run_loop(run, workdir: str, train_step, train_iter, evaluate: Callable | Non
     log(f"{workdir} already finished {start} of {cfg.train.steps} steps; raise "
         "--config.train.steps to train further.")
   return {"step": final_step, **last, "sample": None, "state": state, "run": run}
+
+
+def _close(report, train_iter) -> None:
+  if report is not None:
+    report.close()
+  if hasattr(train_iter, "close"):
+    train_iter.close()
 
 
 def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, report,
@@ -298,6 +306,7 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
       if done % t.log_every == 0 or done == t.steps:
         metrics = jax.device_get(metrics)
         guard.check(done, metrics)
+        checkpoints.check_for_errors()  # a background save that failed, reported now
         last["train"] = report.train_record(done, metrics)
       if report.bar is not None:
         report.bar.update(1)

@@ -216,3 +216,56 @@ def test_a_loss_spike_stops_the_run_before_a_checkpoint_of_the_broken_model(tmp_
   losses = _train_losses(tmp_path)
   assert max(losses[s] for s in range(1, kept + 1)) < 4 * losses[1]  # what was kept is sound
   assert "Traceback" not in str(info.value)
+
+
+# --- a full disk, and kill -9 at any moment ------------------------------------------------------
+
+def test_a_full_disk_is_one_line_at_the_failed_save_and_the_run_resumes_with_space(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                           capture_output=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+  try:
+    args = [*TINY, f"--workdir={disk / 'run'}", "--config.train.steps=40",
+            "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=20",
+            "--config.train.log_every=5", "--config.train.eval_every=100"]
+    full = run_cli("train", *args)
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmjax: error: Saving the checkpoint of step ")
+    assert "no space left on device. The last complete checkpoint is step " in last
+    assert "Traceback" not in full.stderr.split("lmjax: error:")[-1]
+    kept = latest_step(disk / "run")
+    assert f"last complete checkpoint is step {kept}." in last
+    subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+    again = run_cli("train", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Resuming from step {kept}" in again.stdout + again.stderr
+    assert latest_step(disk / "run") == 40
+  finally:
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_kill_9_at_random_moments_loses_nothing(tmp_path):
+  """SIGKILL at random times (compiling, mid-step, mid-save: a checkpoint every step), then the
+  same command to the end: the losses equal an uninterrupted run's."""
+  import random
+  steps = ["--config.train.steps=30", "--config.train.checkpoint_every=1",
+           "--config.train.eval_every=1000"]
+  straight = run_cli("train", *TINY, f"--workdir={tmp_path / 'straight'}", *steps)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  workdir = tmp_path / "killed"
+  rng = random.Random(0)
+  for _ in range(3):
+    proc = start_train(workdir, *steps)
+    time.sleep(rng.uniform(3.0, 9.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  final = run_cli("train", *TINY, f"--workdir={workdir}", *steps)
+  assert final.returncode == 0, final.stderr[-2000:]
+  want, got = _train_losses(tmp_path / "straight"), _train_losses(workdir)
+  assert sorted(got) == list(range(1, 31))
+  assert [got[s] for s in range(1, 31)] == pytest.approx([want[s] for s in range(1, 31)],
+                                                          rel=1e-6, abs=1e-6)

@@ -9,6 +9,7 @@ WORKDIR/config.json, with the overrides on top.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from lmjax.commands import (bench, config, convert, coordcheck, eval, finetune, fit, generate,
@@ -49,8 +50,8 @@ def run(argv) -> int:
 
 
 def main(argv=None) -> None:
-  """The `lmjax` entry point: an LmjaxError is printed as one message (exit 2); anything else
-  is a bug or a platform failure and shows its traceback."""
+  """The `lmjax` entry point: an LmjaxError, or a full disk, is printed as one message (exit 2);
+  anything else is a bug or a platform failure and shows its traceback."""
   argv = sys.argv[1:] if argv is None else argv
   try:
     code = run(argv)
@@ -60,4 +61,10 @@ def main(argv=None) -> None:
   except KeyboardInterrupt:
     print("lmjax: interrupted", file=sys.stderr)
     code = 130
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    print(f"lmjax: error: no space left on device ({e.filename or e}). Free space, then rerun: "
+          "a run resumes from its last complete checkpoint.", file=sys.stderr)
+    code = 2
   sys.exit(code)
