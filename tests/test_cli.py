@@ -125,7 +125,7 @@ def test_bad_files_and_flags_are_one_line_errors(tmp_path):
   cases = [
       (("config", "--config=configs/gpt2.py:bogus"), "Unknown gpt2 variant"),
       (("config", "--config.distributed.local_device_ids=0,a"), "local_device_ids"),
-      (("bench", "--config=configs/quickstart.py", "--steps=0"), "--steps must be at least 1"),
+      (("bench", "--config=configs/quickstart.py", "--steps=0"), "--steps: must be at least 1"),
   ]
   damaged = tmp_path / "damaged"
   damaged.mkdir()

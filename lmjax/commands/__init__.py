@@ -21,12 +21,19 @@ COMMANDS = {"train": train, "eval": eval, "generate": generate, "prepare": prepa
             "sweep": sweep, "fit": fit, "coordcheck": coordcheck, "config": config}
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line, like every other lmjax error."""
+
+  def error(self, message):
+    self.exit(2, f"lmjax: error: {message} (see `{self.prog} --help`).\n")
+
+
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = _Parser(
       prog="lmjax", description="Pretrain, evaluate, fine-tune and sample Transformer language "
       "models.", epilog="Override any config key with --config.SECTION.KEY=VALUE, e.g. "
       "--config.train.steps=100. `lmjax config --keys` lists every key.")
-  sub = p.add_subparsers(dest="command", required=True)
+  sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
   for name, module in COMMANDS.items():
     module.add_arguments(sub.add_parser(name, help=module.HELP))
   return p
