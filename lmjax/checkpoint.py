@@ -295,6 +295,11 @@ class Checkpointer:
     """Only the params of a checkpoint (the optimizer state is not read), onto
     `abstract_params`' shardings: for commands that only read a model."""
     step = self.existing_step(step)
+    problem = self.verify(step)
+    if problem:  # a read-only command does not move it: training does, and falls back
+      raise _damaged(f"The checkpoint at step {step} in {self.directory} is damaged ({problem}). "
+                     f"Pass an earlier --step (available: {self.all_steps()}), or rerun `lmjax "
+                     "train`, which moves it aside and resumes from the step before.")
     self._check_matches(step, abstract_params, subtree="params")
     restore_args = jax.tree_util.tree_map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),

@@ -184,6 +184,10 @@ def test_a_damaged_newest_step_is_moved_aside_and_the_run_resumes_from_the_one_b
     target = _largest_file(step6)
   {"truncate": _truncate, "garble": _garble, "delete": os.remove, "metadata": _garble}[damage](
       target)
+  if damage == "garble":  # commands that only read a model refuse it too, naming the damage
+    eval_run = run_cli("eval", f"--workdir={workdir}")
+    assert eval_run.returncode == 2 and "step 6" in eval_run.stderr and (
+        "does not have the contents it was saved with" in eval_run.stderr), eval_run.stderr[-2000:]
   result = train_lib.train(cfg(8), str(workdir), progress=False)
   out = capsys.readouterr().out
   assert "Checkpoint step 6 is damaged" in out and "Resuming from step 4" in out, out
