@@ -188,7 +188,7 @@ def check_ranges(cfg: ConfigDict) -> None:
     section, name = key.split(".")
     value = cfg[section][name]
     if not in_range(value, spec):
-      shown = {">=1": "at least 1", ">0": "greater than 0", ">=0": "at least 0",
+      shown = {">=1": "at least 1", ">=2": "at least 2", ">0": "greater than 0", ">=0": "at least 0",
                ">=-1": "at least -1", "-1|>=1": "-1 (the remaining devices) or at least 1",
                "0|>1": "0 (off) or greater than 1"}
       raise ConfigError(f"{key}={value!r} is out of range: it must be "

@@ -58,7 +58,11 @@ class _FileLock:
     self.fd = None
 
   def acquire(self) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+    except OSError as e:  # a file there or above it, or no permission
+      raise ConfigError(f"--workdir '{self.workdir}' cannot be a run directory ({e.strerror}): "
+                        "pass a directory (a new or an existing run's).") from None
     while True:
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:

@@ -217,15 +217,22 @@ class Guard:
     if problem is None:
       self.losses.append(loss)
       return
+    # step N's loss is that of the params after N - 1 updates: a checkpoint of step N - 1 holds
+    # the params that diverged, so it is moved aside (not deleted) and the rerun starts before it
     self.checkpoints.wait()
+    moved = ""
+    for bad in [s for s in self.checkpoints.all_steps() if s >= step - 1]:
+      where = self.checkpoints.move_aside(bad, f"training diverged at step {step} ({problem}); "
+                                          f"step {bad} holds the params that did")
+      moved = f" The checkpoint of step {bad}, whose params gave it, was moved to {where}."
     last = self.checkpoints.latest_step()
     saved = (f"the last checkpoint, from before it, is step {last} in "
-             f"{self.checkpoints.directory}" if last is not None else
-             "no checkpoint was saved before it")
+             f"{self.checkpoints.directory}: rerun (it resumes from there)" if last is not None
+             else "no checkpoint from before it remains: rerun to start from scratch")
     raise TrainingError(
-        f"Training diverged at step {step}: {problem}. Nothing after it was saved; {saved}. Lower "
-        "optim.learning_rate, raise optim.warmup_steps or set optim.grad_clip, then rerun (it "
-        "resumes from that checkpoint); train.spike_factor=0 turns the spike check off.")
+        f"Training diverged at step {step}: {problem}.{moved} Nothing after it was saved; "
+        f"{saved} after lowering optim.learning_rate, raising optim.warmup_steps or setting "
+        "optim.grad_clip. train.spike_factor=0 turns the spike check off.")
 
 
 def log_start(run) -> None:

@@ -34,7 +34,7 @@ FINETUNE_TASKS = CHOICES["finetune.task"]
 RANGES = {
     "model.num_layers": ">=1", "model.d_model": ">=1", "model.num_heads": ">=1",
     "model.num_kv_heads": ">=0", "model.head_dim": ">=0", "model.mlp_dim": ">=1",
-    "model.vocab_size": ">=1", "model.max_len": ">=1", "model.rope_theta": ">0",
+    "model.vocab_size": ">=2", "model.max_len": ">=1", "model.rope_theta": ">0",
     "model.norm_eps": ">0", "model.init_std": ">0", "model.dropout": "[0,1)",
     "model.mup_base_width": ">=0",
     "data.seq_len": ">=1", "data.vocab_size": ">=0", "data.tokenizer_sample_bytes": ">=1",

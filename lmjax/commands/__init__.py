@@ -56,6 +56,17 @@ def run(argv) -> int:
   return COMMANDS[args.command].run(args, overrides)
 
 
+def _quiet() -> None:
+  """After an error that is reported as one line, the aftermath of the same failure in other
+  threads (Orbax's savers, asyncio tasks collected at exit) is not reported again."""
+  import logging
+  import threading
+  sys.unraisablehook = lambda *_: None
+  threading.excepthook = lambda *_: None
+  for name in ("asyncio", "absl"):
+    logging.getLogger(name).disabled = True
+
+
 def main(argv=None) -> None:
   """The `lmjax` entry point: an LmjaxError, or a full disk, is printed as one message (exit 2);
   anything else is a bug or a platform failure and shows its traceback."""
@@ -63,6 +74,7 @@ def main(argv=None) -> None:
   try:
     code = run(argv)
   except LmjaxError as e:
+    _quiet()
     print(f"lmjax: error: {e}", file=sys.stderr)
     code = 2
   except KeyboardInterrupt:
@@ -71,6 +83,7 @@ def main(argv=None) -> None:
   except OSError as e:
     if e.errno != errno.ENOSPC:
       raise
+    _quiet()
     print(f"lmjax: error: no space left on device ({e.filename or e}). Free space, then rerun: "
           "a run resumes from its last complete checkpoint.", file=sys.stderr)
     code = 2
