@@ -229,6 +229,18 @@ def test_prepare_refuses_other_data_in_the_same_dir(prepared, tmp_path, corpus):
     data.prepare(other, workdir)
 
 
+def test_a_file_added_under_the_same_glob_is_other_data(tmp_path, trained_tokenizer):
+  corpus = tmp_path / "corpus"
+  write_txt_corpus(corpus, num_docs=20)
+  cfg = make_cfg(f"text:{corpus}/*.txt", tokenizer=trained_tokenizer)
+  data.prepare(cfg, str(tmp_path / "run"))
+  assert data.is_prepared(cfg, str(tmp_path / "run"))
+  (corpus / "doc_new.txt").write_text(python_like_doc(99))
+  assert not data.is_prepared(cfg, str(tmp_path / "run"))
+  with pytest.raises(ValueError, match=r"files: prepared '20 files \(sha256 .*now '21 files"):
+    data.prepare(cfg, str(tmp_path / "run"))
+
+
 def test_interrupted_prepare_resumes_and_never_trusts_a_tmp_shard(
     tmp_path, monkeypatch, prepared):
   cfg, reference_workdir, reference = prepared

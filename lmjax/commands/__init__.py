@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from lmjax.commands import (bench, config, convert, coordcheck, eval, finetune, fit, generate,
@@ -56,15 +57,23 @@ def run(argv) -> int:
   return COMMANDS[args.command].run(args, overrides)
 
 
-def _quiet() -> None:
-  """After an error that is reported as one line, the aftermath of the same failure in other
-  threads (Orbax's savers, asyncio tasks collected at exit) is not reported again."""
+def _say_last(message: str) -> None:
+  """Prints an error as the last thing the process says: the aftermath of the same failure in
+  other threads (Orbax's savers and their native threads, asyncio tasks collected at exit) is
+  silenced first, stderr included, so that nothing follows or interleaves with the line."""
   import logging
   import threading
+  import warnings
   sys.unraisablehook = lambda *_: None
   threading.excepthook = lambda *_: None
+  warnings.simplefilter("ignore")  # e.g. a save's coroutine never awaited, collected at exit
   for name in ("asyncio", "absl"):
     logging.getLogger(name).disabled = True
+  sys.stderr.flush()
+  err = os.dup(sys.stderr.fileno())
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  os.write(err, f"lmjax: error: {message}\n".encode())
+  os.close(err)
 
 
 def main(argv=None) -> None:
@@ -74,8 +83,7 @@ def main(argv=None) -> None:
   try:
     code = run(argv)
   except LmjaxError as e:
-    _quiet()
-    print(f"lmjax: error: {e}", file=sys.stderr)
+    _say_last(str(e))
     code = 2
   except KeyboardInterrupt:
     print("lmjax: interrupted", file=sys.stderr)
@@ -83,8 +91,7 @@ def main(argv=None) -> None:
   except OSError as e:
     if e.errno != errno.ENOSPC:
       raise
-    _quiet()
-    print(f"lmjax: error: no space left on device ({e.filename or e}). Free space, then rerun: "
-          "a run resumes from its last complete checkpoint.", file=sys.stderr)
+    _say_last(f"no space left on device ({e.filename or e}). Free space, then rerun: a run "
+              "resumes from its last complete checkpoint.")
     code = 2
   sys.exit(code)

@@ -7,7 +7,9 @@ The loop only sees iterators of batches, dicts of this process's rows of each gl
 """
 from __future__ import annotations
 
-from lmjax.data.prepare import is_prepared, prepare, prepare_once, read_index
+from etils import epath
+
+from lmjax.data.prepare import index_path, is_prepared, prepare, prepare_once, read_index
 from lmjax.data.sources import iter_documents
 from lmjax.data.synthetic import SyntheticIterator
 from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, masking_for,
@@ -28,7 +30,8 @@ def make_iterator(cfg, workdir: str, split: str = "train", process_rows=None,
     vocab = cfg.model.vocab_size - (1 if cfg.train.objective == "masked_lm" else 0)
     return SyntheticIterator(vocab, cfg.data.seq_len, batch_size, cfg.train.seed, process_rows,
                              split)
-  if not is_prepared(cfg, workdir):
-    prepare(cfg, workdir)  # so that `lmjax train` works on a fresh workdir
+  if not epath.Path(index_path(cfg, workdir)).is_file():
+    prepare(cfg, workdir)  # a fresh workdir; whether existing data still fits the config is
+    # checked where data is made (train's prepare_once): a run's data is read as it was made
   from lmjax.data.loader import TokenIterator  # Grain is imported only when batches are needed
   return TokenIterator(cfg, workdir, split, process_rows, batch_size)

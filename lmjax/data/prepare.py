@@ -33,7 +33,7 @@ import tqdm
 
 from lmjax import distributed
 from lmjax import workdir as workdir_lib
-from lmjax.data.sources import is_validation_document, iter_documents
+from lmjax.data.sources import is_validation_document, iter_documents, text_files
 from lmjax.data.tokenizer import check_vocab, file_sha256, load_tokenizer, resolve_tokenizer
 from lmjax.errors import ConfigError, DataError, LmjaxError
 
@@ -52,7 +52,20 @@ def fingerprint(cfg, tokenizer_path: str) -> dict:
           "max_bytes": data.max_bytes, "val_fraction": data.val_fraction,
           "tokenizer_sha256": file_sha256(tokenizer_path),
           # the built-in corpus is whatever Python runs this
-          "python": platform.python_version() if data.source == "pystdlib" else ""}
+          "python": platform.python_version() if data.source == "pystdlib" else "",
+          "files": _files_digest(data.source)}
+
+
+def _files_digest(source: str) -> str:
+  """The files a text: glob matches now (names, and sizes of local ones), as a short digest:
+  a file added, removed or changed in size under the same glob makes other data."""
+  kind, _, pattern = source.partition(":")
+  if kind != "text" or not pattern:
+    return ""
+  paths = text_files(pattern)
+  listing = [[p] if "://" in p else [p, os.path.getsize(p)] for p in paths]
+  digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+  return f"{len(paths)} files (sha256 {digest})"
 
 
 def _read_json(path: str) -> dict | None:
@@ -92,8 +105,9 @@ def read_index(cfg, workdir: str) -> dict:
 
 
 def _check_same_data(index: dict, expected: dict, out_dir: str) -> None:
-  diffs = [f"{k}: prepared {index['fingerprint'].get(k)!r}, now {v!r}"
-           for k, v in expected.items() if index["fingerprint"].get(k) != v]
+  saved = index["fingerprint"]  # (a key that data prepared by an older lmjax lacks is not compared)
+  diffs = [f"{k}: prepared {saved[k]!r}, now {v!r}" for k, v in expected.items()
+           if k in saved and saved[k] != v]
   if diffs:
     raise ConfigError(f"'{out_dir}' already holds data prepared differently:\n  " +
                       "\n  ".join(diffs) + "\nUse another data.prepared_dir (or --workdir), or "
