@@ -1,14 +1,14 @@
-"""Orbax checkpoints: the train state (params, optimizer state, step, RNG) and the data position,
-or params alone (an import: `save_params`).
+"""Orbax checkpoints: the train state (params, optimizer state, step, RNG) and the data position, or
+params alone (an import: `save_params`).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a half-written
 checkpoint (a killed process, a full disk) is never listed and never loaded. Once a step is
 complete, process 0 seals it: STEP/lmjax_checksums.json records every file's size and CRC-32
-(`seal`, at the next save or at close). Before restoring, `newest_good_step` verifies the seals
-from the newest step down and moves a step whose files do not match (truncated, garbled, deleted)
-aside to CHECKPOINTS-damaged/STEP with a NOTE, never deleting it; the checkpoint's own metadata is
-then compared with what the config builds, so that a checkpoint of another model is named as
-such, and one that cannot be read says why (`CheckpointError.damaged`).
+(`seal`, in a background thread from the next save on, or at close). Before restoring,
+`newest_good_step` verifies the seals from the newest step down and moves a step whose files do not
+match (truncated, garbled, deleted) aside to CHECKPOINTS-damaged/STEP with a NOTE, never deleting
+it; the checkpoint's own metadata is then compared with what the config builds, so that a checkpoint
+of another model is named as such, and one that cannot be read says why (`CheckpointError.damaged`).
 
 Open checkpoints with `open_checkpoints(directory, ...)`; the directory comes from
 `workdir.checkpoint_dir`.
@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import threading
 import time
 from typing import Iterator
 import zlib
@@ -118,6 +119,7 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save,
                                            read_only=read_only)
     self.directory, self.read_only, self.saving = directory, read_only, None
+    self._sealer = None  # the thread sealing finished steps while training goes on
     # handlers named up front: a manager that only reads can then read the items' metadata
     self.manager = ocp.CheckpointManager(
         directory, options=options,
@@ -132,7 +134,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
     self._surfaced(self.manager.wait_until_finished)  # Orbax would wait here anyway
-    self.seal()
+    self._seal_in_background()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state or {}))
     self.saving = step
@@ -165,12 +167,12 @@ class Checkpointer:
   def _step_dir(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step)
 
-  def seal(self) -> None:
-    """Records the size and CRC-32 of every file of each complete step that has no seal yet
-    (process 0; Orbax lists a step only once all processes finished writing it)."""
+  def seal(self, steps=None) -> None:
+    """Records the size and CRC-32 of every file of each complete step (default: all) that has
+    no seal yet (process 0; Orbax lists a step only once all processes finished writing it)."""
     if jax.process_index() != 0:
       return
-    for step in self.all_steps():
+    for step in self.all_steps() if steps is None else steps:
       seal = self._step_dir(step) / SEAL
       if seal.exists():
         continue
@@ -179,6 +181,27 @@ class Checkpointer:
       partial = seal.with_name(SEAL + ".tmp")
       partial.write_text(json.dumps({"files": files}))
       partial.replace(seal)
+
+  def _seal_in_background(self) -> None:
+    """Seals the complete steps in a thread, so that reading a large checkpoint back does not
+    hold up training (joined before anything reads the seals or the run ends)."""
+    if jax.process_index() != 0 or (self._sealer and self._sealer.is_alive()):
+      return  # the steps it leaves are sealed next time
+
+    def seal_quietly(steps):
+      try:
+        self.seal(steps)
+      except OSError:  # a step Orbax removed meanwhile (max_to_keep): nothing to seal
+        pass
+
+    self._sealer = threading.Thread(target=seal_quietly, args=(self.all_steps(),), daemon=True,
+                                    name="lmjax-seal")
+    self._sealer.start()
+
+  def _join_sealer(self) -> None:
+    if self._sealer is not None:
+      self._sealer.join()
+      self._sealer = None
 
   def verify(self, step: int) -> str | None:
     """Why the files of `step` do not match its seal, or None (also for a step without a seal:
@@ -202,6 +225,7 @@ class Checkpointer:
 
   def move_aside(self, step: int, reason: str) -> str:
     """Moves a damaged step out of the checkpoint directory, with a note; returns where."""
+    self._join_sealer()
     aside = epath.Path(str(self.directory).rstrip("/") + "-damaged")
     if jax.process_index() == 0:
       aside.mkdir(parents=True, exist_ok=True)
@@ -316,11 +340,13 @@ class Checkpointer:
 
   def wait(self) -> None:
     self._surfaced(self.manager.wait_until_finished)
+    self._join_sealer()
     self.seal()
 
   def close(self) -> None:
     try:
       self._surfaced(self.manager.wait_until_finished)
+      self._join_sealer()
       if not self.read_only:
         self.seal()
     finally:
