@@ -7,6 +7,10 @@ import textwrap
 
 import pytest
 
+# Tests run on the CPU, also where libtpu (the test extra's TPU compiler) or a GPU is installed;
+# their subprocesses inherit this.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = [

@@ -13,12 +13,12 @@ import errno
 import os
 import sys
 
-from lmjax.commands import (bench, config, convert, coordcheck, eval, finetune, fit, generate,
+from lmjax.commands import (bench, compile, config, convert, coordcheck, eval, finetune, fit, generate,
                             prepare, sweep, tokenizer, train)
 from lmjax.errors import LmjaxError
 
 COMMANDS = {"train": train, "eval": eval, "generate": generate, "prepare": prepare,
-            "tokenizer": tokenizer, "bench": bench, "convert": convert, "finetune": finetune,
+            "tokenizer": tokenizer, "bench": bench, "compile": compile, "convert": convert, "finetune": finetune,
             "sweep": sweep, "fit": fit, "coordcheck": coordcheck, "config": config}
 
 
