@@ -148,11 +148,12 @@ def collectives(hlo: str) -> dict:
   for name in reversed(list(comps)):  # HLO text lists callees before their callers
     for line in comps[name]:
       trips = _trip_count(line, comps) if re.search(r"\swhile\(", line) else 1
-      for callee in re.findall(r"(?:body|condition|calls|to_apply|branch_computations)="
-                               r"\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)", line):
-        for c in re.split(r",\s*%?", callee):
-          if c in comps:
-            times[c] += times[name] * trips
+      callees = re.findall(r"\b(?:body|condition|calls|to_apply)=%?([\w.\-]+)", line)
+      for group in re.findall(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}", line):
+        callees += re.findall(r"%?([\w.\-]+)", group)
+      for c in callees:
+        if c in comps:
+          times[c] += times[name] * trips
   # TPU's async collective fusions carry one collective through several fusions (one per piece
   # of compute it overlaps): the same channel_id is one collective, run as often as its most
   # frequent piece

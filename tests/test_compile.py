@@ -48,13 +48,13 @@ def test_slice_devices_are_one_per_chip_and_span_slices():
 
 HLO = """HloModule m
 
-%body (p: (s32[], f32[16])) -> (s32[], f32[16]) {
+%loop_body (p: (s32[], f32[16])) -> (s32[], f32[16]) {
   %p = (s32[], f32[16]) parameter(0)
   %ar = f32[16]{0} all-reduce(%x), channel_id=7, replica_groups={{0,1}}, to_apply=%add
   ROOT %t = (s32[], f32[16]) tuple(%i, %ar)
 }
 
-%cond (p: (s32[], f32[16])) -> pred[] {
+%loop_cond (p: (s32[], f32[16])) -> pred[] {
   %p = (s32[], f32[16]) parameter(0)
   %c = s32[] constant(12)
   ROOT %lt = pred[] compare(%i, %c), direction=LT
@@ -67,7 +67,7 @@ HLO = """HloModule m
 ENTRY %main (x: bf16[8,4]) -> f32[16] {
   %ag-start = (bf16[2,4]{1,0}, bf16[8,4]{1,0}) all-gather-start(%x), channel_id=1, dimensions={0}
   %ag-done = bf16[8,4]{1,0} all-gather-done(%ag-start)
-  %w = (s32[], f32[16]) while(%init), condition=%cond, body=%body
+  %w = (s32[], f32[16]) while(%init), condition=%loop_cond, body=%loop_body
   ROOT %rs = f32[4]{0} reduce-scatter(%y), channel_id=9, dimensions={0}, to_apply=%add
 }
 """
