@@ -52,6 +52,11 @@ def get_config(variant: str = "base"):
     c.optim.learning_rate = 3e-3
     c.optim.warmup_steps = 20
     return c
+  # accelerator defaults: bfloat16 compute over float32 params and optimizer state, one compiled
+  # layer looped over the stacked weights; remat measured as gpt2.py's (BENCHMARKS.md)
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  c.model.remat = "none"
   c.model.vocab_size = 32768  # a SentencePiece vocabulary of BERT's size (30522), rounded to 128s
   c.model.max_len = 512
   c.model.dropout = 0.1

@@ -13,6 +13,10 @@ SHAPES = {  # num_layers, d_model, num_heads, learning rate (GPT-3 paper's for s
     "1.5b": (48, 1600, 25, 2e-4),
 }
 
+# the remat policy per size: the least recomputation under which the config's own batch trains
+# on a v5p-128 (64 chips, FSDP), from `lmjax compile` (BENCHMARKS.md, "Remat defaults")
+REMAT = {"124m": "none", "350m": "none", "774m": "none", "1.5b": "none"}
+
 
 def get_config(variant: str = "124m"):
   if variant not in SHAPES:
@@ -25,6 +29,11 @@ def get_config(variant: str = "124m"):
   c.model.vocab_size = 50304
   c.model.max_len = 1024
   c.model.tie_embeddings = True
+  # accelerator defaults: bfloat16 compute over float32 params and optimizer state, one compiled
+  # layer looped over the stacked weights (compile time flat in depth), remat by size (below)
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  c.model.remat = REMAT[variant]
   c.data.source = "pystdlib"
   c.data.seq_len = 1024
   c.train.batch_size = 512  # 0.5M tokens per step, as in GPT-3's small models

@@ -29,7 +29,7 @@ import optax
 
 from lmjax import lora as lora_lib
 from lmjax import masking as masking_lib
-from lmjax.model import Transformer
+from lmjax.model import DTYPES, Transformer, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,24 +53,74 @@ class Forward:
                             deterministic=deterministic, return_hidden=hidden, rngs=rngs)
 
 
+# --- the LM head and cross-entropy, in chunks ---------------------------------------------------
+
+def _head_nll(c, hidden_BCD, head, targets_BC):
+  """One chunk: logits [B, C, V] exactly as the model's head makes them (compute-dtype matmul,
+  muP's 1/width_mult, float32), their cross-entropy with the targets and their argmax."""
+  dt = DTYPES[c.dtype]
+  equation = "BCD,VD->BCV" if c.tie_embeddings else "BCD,DV->BCV"
+  logits_BCV = jnp.einsum(equation, hidden_BCD.astype(dt), head.astype(dt))
+  if c.parametrization == "mup":
+    logits_BCV = logits_BCV / c.width_mult
+  logits_BCV = constrain(logits_BCV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+  nll_BC = optax.softmax_cross_entropy_with_integer_labels(logits_BCV, targets_BC)
+  return nll_BC, jnp.argmax(logits_BCV, -1).astype(jnp.int32)
+
+
+def token_losses(c, hidden_BTD, head, targets_BT):
+  """(nll [B, T], argmax [B, T]) of the LM head on the final hidden states: `model.loss_chunk`
+  positions of every row at a time (each row keeps its device: the chunks cut the sequence, not
+  the batch), each chunk's logits rebuilt in the backward instead of kept, so [B, loss_chunk, V]
+  float32 logits live at once, never [B, T, V]. A sequence that the chunk does not divide is
+  padded to whole chunks (the pads' losses are dropped). loss_chunk=0, or a chunk as long as
+  the sequence, is one plain pass."""
+  b, t, d = hidden_BTD.shape
+  chunk = c.loss_chunk
+  if chunk == 0 or chunk >= t:
+    return _head_nll(c, hidden_BTD, head, targets_BT)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+  targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+  hidden_NBCD = hidden_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
+  one = jax.checkpoint(lambda h_BCD, y_BC: _head_nll(c, h_BCD, head, y_BC))
+  nll_NBC, argmax_NBC = jax.lax.map(lambda xs: one(*xs), (hidden_NBCD, targets_NBC))
+  unchunk = lambda x_NBC: x_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+  return unchunk(nll_NBC), unchunk(argmax_NBC)
+
+
+def lm_losses(forward, params, inputs_BT, targets_BT, positions_BT=None, segments_BT=None, *,
+              rng=None, deterministic: bool = True):
+  """(nll [B, T], argmax [B, T]) of predicting `targets_BT` from `inputs_BT`: the model's final
+  hidden states, then the LM head and cross-entropy in chunks (token_losses)."""
+  hidden_BTD = forward(params, inputs_BT, positions_BT, segments_BT, rng=rng,
+                       deterministic=deterministic, hidden=True)
+  c = forward.model.cfg
+  tree = params["model"] if "model" in params else params
+  head = tree["embed"]["embedding"] if c.tie_embeddings else tree["head"]["kernel"]
+  return token_losses(c, hidden_BTD, head, targets_BT)
+
+
 # --- the losses ---------------------------------------------------------------------------------
 
 def causal_lm_loss(forward, params, batch, rng, deterministic=False):
   """Next-token cross-entropy over every position of {"tokens": [B, T + 1]} (inputs [:, :-1],
   targets [:, 1:])."""
   tokens_BT1 = batch["tokens"]
-  logits_BTV = forward(params, tokens_BT1[:, :-1], rng=rng, deterministic=deterministic)
-  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT1[:, 1:])
+  nll_BT, _ = lm_losses(forward, params, tokens_BT1[:, :-1], tokens_BT1[:, 1:], rng=rng,
+                        deterministic=deterministic)
   return nll_BT.sum(), {"tokens": jnp.asarray(nll_BT.size, jnp.float32)}
 
 
 def masked_lm_loss(forward, params, batch, rng, deterministic=False):
   """Cross-entropy at the selected positions of {inputs, targets, weights} (masking.py), and how
   many of them the argmax predicts."""
-  logits_BTV = forward(params, batch["inputs"], rng=rng, deterministic=deterministic)
   targets_BT, weights_BT = batch["targets"], batch["weights"]
-  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-  correct_BT = (jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32)
+  nll_BT, argmax_BT = lm_losses(forward, params, batch["inputs"], targets_BT, rng=rng,
+                                deterministic=deterministic)
+  correct_BT = (argmax_BT == targets_BT).astype(jnp.float32)
   return (nll_BT * weights_BT).sum(), {"tokens": weights_BT.sum(),
                                        "masked_accuracy": (correct_BT * weights_BT).sum()}
 
@@ -78,9 +128,8 @@ def masked_lm_loss(forward, params, batch, rng, deterministic=False):
 def sft_loss(forward, params, batch, rng, deterministic=False):
   """Cross-entropy on the response tokens (weights 1) of packed rows {inputs, targets, weights,
   positions, segments}: each example has its own positions and attends within its segment."""
-  logits_BTV = forward(params, batch["inputs"], batch["positions"], batch["segments"], rng=rng,
-                       deterministic=deterministic)
-  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  nll_BT, _ = lm_losses(forward, params, batch["inputs"], batch["targets"], batch["positions"],
+                        batch["segments"], rng=rng, deterministic=deterministic)
   return (nll_BT * batch["weights"]).sum(), {"tokens": batch["weights"].sum()}
 
 

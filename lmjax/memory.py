@@ -85,8 +85,9 @@ def estimate_memory(cfg, num_devices: int) -> dict:
   Params, optimizer state and gradients are exact (every leaf's shape and sharding from the
   config's rules). Activations are what the backward pass needs: every layer's residuals under
   the remat policy (traced from the model itself, on the per-device shard of the heads and MLP),
-  plus, with remat, one layer's full residuals rebuilt during the backward, plus the float32
-  logits and their gradient.
+  plus, with remat, one layer's full residuals rebuilt during the backward, plus one loss
+  chunk's float32 logits and their gradient; the workspace holds the gathered weights of a
+  layer (twice: the next one is prefetched) and the embedding table in the compute dtype.
   """
   c = ModelConfig.from_config(cfg)
   sizes = _mesh_sizes(cfg, num_devices)
@@ -111,10 +112,15 @@ def estimate_memory(cfg, num_devices: int) -> dict:
   if c.remat != "none":
     per_row += layer_residual_bytes(local, cfg.data.seq_len, "none")
   vocab_shards = _mesh_axes_size(cfg, "act_vocab", sizes)
-  # float32 logits: their exp (kept by the cross-entropy), their gradient and one more buffer of
-  # that size for the backward's matmuls (measured on CPU), plus the compute-dtype logits before
-  # the cast when computing in 16 bits; then embeddings and the final norm
-  logits_bytes = tokens * c.vocab_size / vocab_shards * (12 + (compute if compute < 4 else 0))
+  # float32 logits of one chunk of the loss (model.loss_chunk positions of every row; losses.py
+  # rebuilds each chunk's in the backward): their exp (kept by the cross-entropy), their
+  # gradient and one more buffer of that size for the backward's matmuls (measured on CPU), plus
+  # the compute-dtype logits before the cast when computing in 16 bits; then embeddings and the
+  # final norm (float32 hidden states and their gradient)
+  seq = cfg.data.seq_len
+  logits_tokens = rows * (min(c.loss_chunk, seq) if c.loss_chunk else seq)
+  logits_bytes = logits_tokens * c.vocab_size / vocab_shards * (12 + (compute if compute < 4
+                                                                       else 0))
   activations = rows * per_row + logits_bytes + tokens * 3 * c.d_model * 4
 
   # one layer's weights gathered over fsdp (and cast to the compute dtype), twice: XLA prefetches
@@ -123,6 +129,10 @@ def estimate_memory(cfg, num_devices: int) -> dict:
                   c.d_model * c.mlp_dim * (3 if c.llama else 2)) / tensor
   gathered = sizes["fsdp"] > 1 or c.dtype != c.param_dtype
   workspace = 2 * layer_params * compute if gathered else 0
+  # the embedding table, whole on every device for the lookup, in the compute dtype (model.py's
+  # Embed), and an untied head gathered like a layer
+  if gathered:
+    workspace += c.vocab_size * c.d_model * compute * (1 if c.tie_embeddings else 2)
   result = {
       "params": params_bytes,
       "optimizer": _bytes_per_device(optimizer_state, optimizer_specs, sizes),

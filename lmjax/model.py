@@ -50,6 +50,7 @@ class ModelConfig:
   remat: str
   attention: str
   causal: bool  # False: every position attends to the whole sequence (an encoder)
+  loss_chunk: int  # positions per chunk of the LM head + cross-entropy (losses.py); 0 = all
   parametrization: str  # sp | mup (maximal update parametrization; see width_mult)
   mup_base_width: int  # mup: the d_model at which the hyperparameters were tuned
 
@@ -98,7 +99,7 @@ def _ones(names: tuple):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
-def _constrain(x, names: tuple):
+def constrain(x, names: tuple):
   return nn.with_logical_constraint(x, names)
 
 
@@ -168,7 +169,7 @@ class Attention(nn.Module):
     if c.llama:
       q_BTNH = rope(q_BTNH, positions_BT, c.rope_theta)
       k_BTKH = rope(k_BTKH, positions_BT, c.rope_theta)
-    q_BTNH = _constrain(q_BTNH, ("batch", "length", "act_heads", "kv"))
+    q_BTNH = constrain(q_BTNH, ("batch", "length", "act_heads", "kv"))
 
     if self.decode:
       if not c.causal:
@@ -188,7 +189,7 @@ class Attention(nn.Module):
         out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask,
                                                 scale=c.attention_scale,
                                                 is_causal=c.causal, implementation=impl)
-    out_BTNH = _constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
+    out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
     return Projection((c.num_heads, c.head_dim, c.d_model), ("heads", "kv", "embed"),
                       "BTNH,NHD->BTD", out_std, bias=not c.llama, cfg=c, name="out")(out_BTNH)
 
@@ -227,7 +228,7 @@ class Mlp(nn.Module):
       h_BTF = swiglu(up("gate"), up("up"))
     else:
       h_BTF = gelu(up("up"))
-    h_BTF = _constrain(h_BTF, ("batch", "length", "act_mlp"))
+    h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
     return Projection((c.mlp_dim, c.d_model), ("mlp", "embed"), "BTF,FD->BTD", out_std,
                       bias=not c.llama, cfg=c, name="down")(h_BTF)
 
@@ -245,7 +246,7 @@ class Block(nn.Module):
                                                kv_mask_BS, segment_ids_BT)
     x_BTD = x_BTD + drop(h)
     x_BTD = x_BTD + drop(Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD)))
-    return _constrain(x_BTD, ("batch", "length", "act_embed"))
+    return constrain(x_BTD, ("batch", "length", "act_embed"))
 
 
 class ScanBlock(Block):
@@ -274,9 +275,10 @@ class Embed(nn.Module):
   def __call__(self, tokens_BT):
     # Gather from a whole table (all-gathered, as FSDP does for every layer): XLA cannot move a
     # gather from a sharded table to batch-sharded activations efficiently (it would replicate
-    # the table anyway, with a warning).
-    table_VD = _constrain(self.embedding, (None, None))
-    return jnp.take(table_VD, tokens_BT, axis=0).astype(DTYPES[self.cfg.dtype])
+    # the table anyway, with a warning). Cast first: the all-gather moves, and every device
+    # holds, the table in the compute dtype (half of float32's in bfloat16).
+    table_VD = constrain(self.embedding.astype(DTYPES[self.cfg.dtype]), (None, None))
+    return jnp.take(table_VD, tokens_BT, axis=0)
 
   def attend(self, x_BTD):
     dt = DTYPES[self.cfg.dtype]
@@ -299,10 +301,10 @@ class Transformer(nn.Module):
     if not c.llama:
       pos_LD = self.param("pos_embed", _init(c.init_std / 2, ("length", "embed")),
                           (c.max_len, c.d_model), pdt)
-      pos_LD = _constrain(pos_LD, (None, None))  # whole table for the gather, as in Embed
-      x_BTD = x_BTD + jnp.take(pos_LD, positions_BT, axis=0).astype(dt)
+      pos_LD = constrain(pos_LD.astype(dt), (None, None))  # whole, in dt, as in Embed
+      x_BTD = x_BTD + jnp.take(pos_LD, positions_BT, axis=0)
     x_BTD = nn.Dropout(c.dropout, deterministic=deterministic or c.dropout == 0)(x_BTD)
-    x_BTD = _constrain(x_BTD, ("batch", "length", "act_embed"))
+    x_BTD = constrain(x_BTD, ("batch", "length", "act_embed"))
 
     block = ScanBlock if c.scan_layers else Block
     if c.remat != "none":
@@ -329,5 +331,5 @@ class Transformer(nn.Module):
                             kernel_init=_init(c.init_std, ("embed", "vocab")), name="head")(x_BTD)
     if c.parametrization == "mup":
       logits_BTV = logits_BTV / c.width_mult
-    logits_BTV = _constrain(logits_BTV, ("batch", "length", "act_vocab"))
+    logits_BTV = constrain(logits_BTV, ("batch", "length", "act_vocab"))
     return logits_BTV.astype(jnp.float32)

@@ -36,7 +36,7 @@ RANGES = {
     "model.num_kv_heads": ">=0", "model.head_dim": ">=0", "model.mlp_dim": ">=1",
     "model.vocab_size": ">=2", "model.max_len": ">=1", "model.rope_theta": ">0",
     "model.norm_eps": ">0", "model.init_std": ">0", "model.dropout": "[0,1)",
-    "model.mup_base_width": ">=0",
+    "model.mup_base_width": ">=0", "model.loss_chunk": ">=0",
     "data.seq_len": ">=1", "data.vocab_size": ">=0", "data.tokenizer_sample_bytes": ">=1",
     "data.max_bytes": ">=0", "data.val_fraction": "[0,1)", "data.shard_tokens": ">=1",
     "data.num_workers": ">=0", "data.prefetch": ">=0",
@@ -59,7 +59,7 @@ LORA_TARGETS = ("query", "key", "value", "out", "up", "gate", "down")  # gate: l
 
 # model.* keys that say how the model runs, not what it is: they may change when a run resumes or
 # is fine-tuned. Every other model key fixes the function the params compute.
-RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention")
+RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "loss_chunk")
 MASKED_LM_KEYS = ("mask_prob", "mask_token_fraction", "random_token_fraction", "mask_token_id")
 # finetune.* keys that make one fine-tuning another
 FINETUNE_IDENTITY_KEYS = ("init", "task", "lora_rank", "lora_alpha", "lora_targets", "pooling")
@@ -88,6 +88,10 @@ def _model() -> ConfigDict:
   # xla: lmjax's einsum-softmax (ops.attention) | cudnn: flash attention on NVIDIA GPUs |
   # auto: jax.nn.dot_product_attention picks
   s.attention = "xla"
+  # the LM head and cross-entropy run over this many positions of every row at a time, each
+  # chunk's logits recomputed in the backward: [rows, loss_chunk, vocab] float32 logits live at
+  # once instead of [rows, seq_len, vocab]; 0 = the whole sequence at once
+  s.loss_chunk = 512
   s.causal = True  # False: bidirectional attention (an encoder; train.objective=masked_lm)
   # sp: standard parametrization | mup: maximal update parametrization (hyperparameters tuned at
   # d_model = mup_base_width transfer to other widths; see model.ModelConfig.width_mult)

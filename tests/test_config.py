@@ -43,6 +43,20 @@ def test_shipped_configs_load(spec):
   assert cfg.model.head_dim * cfg.model.num_heads > 0
 
 
+@pytest.mark.parametrize("spec", ["gpt2.py:124m", "gpt2.py:350m", "gpt2.py:774m", "gpt2.py:1.5b",
+                                  "llama.py:125m", "llama.py:1b", "llama.py:7b", "bert.py:base",
+                                  "bert.py:large"])
+def test_accelerator_configs_scan_and_compute_in_bfloat16(spec):
+  """Every shipped config of 124M and above: one compiled layer, bf16 compute on fp32 params."""
+  m = config_lib.get_config(os.path.join(ROOT, "configs", spec)).model
+  assert (m.scan_layers, m.dtype, m.param_dtype) == (True, "bfloat16", "float32")
+
+
+def test_the_cpu_quickstart_stays_in_float32():
+  m = config_lib.get_config(os.path.join(ROOT, "configs", "quickstart.py")).model
+  assert m.dtype == "float32" and m.param_dtype == "float32"
+
+
 def test_relations_are_checked():
   with pytest.raises(ConfigError, match="num_kv_heads"):
     config_lib.get_config(None, ["model.num_heads=12", "model.num_kv_heads=5"])
