@@ -4,6 +4,9 @@ the TPU compiler (`lmjax compile`, libtpu on this CPU machine), next to lmjax's 
   python benchmarks/tpu_memory.py [--slices v5e-8,v5p-8,...] [--models gpt2.py:124m,...]
       [--rows_per_chip 2] [--remats none,dots_no_batch,full] [--json out.json]
       [--config.KEY=VALUE ...]
+  python benchmarks/tpu_memory.py --slices v5p-8 --models llama.py:1b --rows_per_chip 1 \
+      --seq_lens 4096,8192,16384,32768 \
+      --variants "xla, full logits:model.attention=xla,model.loss_chunk=0;auto, chunked:"
 
 Every model trains with its config's defaults (dtype, scan, remat, attention, loss) and FSDP over
 all chips; the global batch is rows_per_chip x chips sequences of the config's seq_len. A cell is
@@ -67,8 +70,12 @@ def main():
   p.add_argument("--rows_per_chip", type=int, default=2)
   p.add_argument("--remats", default="", help="a row per remat policy (default: the config's)")
   p.add_argument("--json", default=None)
+  p.add_argument("--seq_lens", default="", help="a row per data.seq_len (with --variants)")
+  p.add_argument("--variants", default="", help="columns NAME:KEY=VALUE,...;NAME:... ")
   args, rest = p.parse_known_args()
   overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
+  if args.seq_lens:
+    return sweep(args, overrides)
   slices, models = args.slices.split(","), args.models.split(",")
   remats = [r for r in args.remats.split(",") if r] or [None]
   results = []
@@ -88,6 +95,31 @@ def main():
       row = [m for m in results if m["model"] == model and (remat is None or m["remat"] == remat)]
       lines.append(f"| {model} ({row[0]['seq_len']}, {row[0]['remat']}) | " +
                    " | ".join(cell(m) for m in row) + " |")
+  print("\n".join(lines))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+def sweep(args, overrides):
+  """Rows: model x data.seq_len on the first slice; columns: the variants' overrides."""
+  name = args.slices.split(",")[0]
+  variants = [v.split(":", 1) for v in args.variants.split(";") if v.strip()]
+  variants = [(n.strip(), [kv for kv in o.split(",") if kv]) for n, o in variants]
+  lines = [f"| model, {name} ({aot.parse_slice(name).hbm_bytes // GiB} GiB) | seq | " +
+           " | ".join(n for n, _ in variants) + " |", "| --- | ---: |" + " ---: |" * len(variants)]
+  results = []
+  for model in args.models.split(","):
+    for seq in [int(t) for t in args.seq_lens.split(",")]:
+      row = []
+      for vname, extra in variants:
+        m = measure(model, name, args.rows_per_chip, [*overrides, f"data.seq_len={seq}",
+                                                      f"model.max_len={seq}", *extra])
+        results.append({**m, "variant": vname})
+        row.append(cell(m))
+        print(f"{model} seq {seq} {vname} on {name}: {cell(m)} GiB per chip, "
+              f"{m['seconds']:.0f} s", file=sys.stderr, flush=True)
+      lines.append(f"| {model} | {seq} | " + " | ".join(row) + " |")
   print("\n".join(lines))
   if args.json:
     with open(args.json, "w") as f:

@@ -93,6 +93,9 @@ def topology_devices(s: Slice) -> list:
   # no TPU VM around: say so to libtpu, which would otherwise warn that it cannot find one
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{s.generation}-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # compiling needs no TPU: let several processes (parallel tests, a compile beside a run) load
+  # libtpu at once instead of the first one locking it
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = {"chip_config_name": "megacore"} if GENERATIONS[s.generation][1] == 2 else {}
   if s.num_slices > 1:
     kwargs["num_slices"] = s.num_slices
@@ -302,7 +305,8 @@ def compile_run(cfg, s: Slice, steps=("train", "eval", "decode"), workdir: str |
                                                  "dtype", "param_dtype", "remat", "scan_layers",
                                                  "attention")},
             "build_seconds": time.perf_counter() - start,
-            "estimate": estimate_memory(cfg, len(devices)), "steps": {}}
+            "attention": run.model.cfg.attention,
+            "estimate": estimate_memory(cfg, len(devices), devices[0]), "steps": {}}
   if "train" in steps:
     with run.context():
       result["steps"]["train"] = _compile(run.jit_train_step(), run.abstract_state,
@@ -339,7 +343,7 @@ def format_report(r: dict) -> str:
            f"{r['hosts']} host(s); mesh {r['mesh']}",
            f"model: {m['style']}, {m['num_layers']} layers, d_model {m['d_model']}, "
            f"{r['num_params'] / 1e6:,.1f}M params, {m['dtype']} compute / {m['param_dtype']} "
-           f"params, remat {m['remat']}, attention {m['attention']}; batch "
+           f"params, remat {m['remat']}, attention {r['attention']}; batch "
            f"{r['batch_size']} x {r['seq_len']} tokens"]
   for name, step in r["steps"].items():
     if "skipped" in step:

@@ -153,7 +153,7 @@ def benchmark(cfg, steps: int = 20, warmup: int = 3, loader: bool = True,
       "mfu": model_flops * tokens_per_second / peak,
       "peak_memory_bytes": measured_bytes, "peak_memory_source": measured_what,
       **xla_memory(compiled),
-      "estimate": estimate_memory(cfg, len(devices)),
+      "estimate": estimate_memory(cfg, len(devices), devices[0]),
   }
   if loader:
     with tempfile.TemporaryDirectory(prefix="lmjax_bench_") as tmp:

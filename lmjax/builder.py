@@ -33,7 +33,7 @@ from lmjax.data.tokenizer import masking_for
 from lmjax.errors import ConfigError
 from lmjax.flops import count_params
 from lmjax.losses import Forward, Objective, objective as make_objective
-from lmjax.model import ModelConfig, Transformer
+from lmjax.model import ModelConfig, Transformer, resolve_attention
 from lmjax.optim import learning_rate_schedule, make_optimizer
 from lmjax.step import TrainState, make_train_step
 from lmjax.trees import unflatten
@@ -179,7 +179,7 @@ def build(cfg, objective: Objective, init=FromSeed(), devices=None) -> Run:
   Nothing is computed on the devices until `run.init()` is called."""
   mesh = sharding_lib.make_mesh(cfg, devices)
   rules = sharding_lib.logical_rules(cfg)
-  model = Transformer(ModelConfig.from_config(cfg))
+  model = Transformer(resolve_attention(ModelConfig.from_config(cfg), mesh.devices.flat[0]))
   optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)
   base, specs, layout, trainable, nested = _parts(cfg, objective, model)
   init_state = _state_initializer(cfg, objective, model, optimizer, layout, trainable, nested)

@@ -1,6 +1,6 @@
 """The memory bill of a config per device, computed from the config alone (no devices needed):
-parameters, optimizer state, gradients, activations and workspace; and the README's table of the
-largest models that train in a given memory.
+parameters, optimizer state, gradients, activations and workspace. The README's memory table
+comes from the TPU compiler instead (`lmjax compile`, benchmarks/tpu_memory.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from jax.extend import core as jax_core
 
 from lmjax import config as config_lib
 from lmjax import sharding as sharding_lib
-from lmjax.model import DTYPES, REMAT_POLICIES, Block, ModelConfig, Transformer
+from lmjax.model import DTYPES, REMAT_POLICIES, Block, ModelConfig, Transformer, resolve_attention
 from lmjax.optim import make_optimizer
 
 GiB = 2**30
@@ -76,10 +76,25 @@ def layer_residual_bytes(c: ModelConfig, seq_len: int, remat: str) -> int:
   return saved
 
 
-def estimate_memory(cfg, num_devices: int) -> dict:
+def _workspace_bytes(c: ModelConfig, sizes: dict, tensor: int) -> int:
+  """One layer's weights gathered over fsdp (and cast to the compute dtype), twice: XLA
+  prefetches the next layer's while the current one computes; and the embedding table, whole on
+  every device for the lookup, in the compute dtype (model.py's Embed), with an untied head
+  gathered like a layer."""
+  if not (sizes["fsdp"] > 1 or c.dtype != c.param_dtype):
+    return 0
+  compute = DTYPE_BYTES[c.dtype]
+  layer_params = (c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) +
+                  c.d_model * c.mlp_dim * (3 if c.llama else 2)) / tensor
+  tables = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+  return int(2 * layer_params * compute + tables * compute)
+
+
+def estimate_memory(cfg, num_devices: int, device=None) -> dict:
   """Bytes per device to train `cfg` on `num_devices`: params, optimizer state, gradients,
   activations and workspace, with their `total`. An estimate: XLA adds temporaries and
-  fragmentation (keep ~10% headroom); on GPU, JAX preallocates 75% of memory unless
+  fragmentation (keep ~10% headroom); `device` (one of the run's, or a TPU topology's) says
+  which attention model.attention=auto traces; on GPU, JAX preallocates 75% of memory unless
   XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise.
 
   Params, optimizer state and gradients are exact (every leaf's shape and sharding from the
@@ -90,6 +105,8 @@ def estimate_memory(cfg, num_devices: int) -> dict:
   layer (twice: the next one is prefetched) and the embedding table in the compute dtype.
   """
   c = ModelConfig.from_config(cfg)
+  if device is not None:  # the attention model.attention=auto picks on it (TPU: splash)
+    c = resolve_attention(c, device)
   sizes = _mesh_sizes(cfg, num_devices)
   params, param_specs = _abstract_params_and_specs(cfg)
   optimizer_state = jax.eval_shape(make_optimizer(cfg).init, params)
@@ -117,22 +134,11 @@ def estimate_memory(cfg, num_devices: int) -> dict:
   # gradient and one more buffer of that size for the backward's matmuls (measured on CPU), plus
   # the compute-dtype logits before the cast when computing in 16 bits; then embeddings and the
   # final norm (float32 hidden states and their gradient)
-  seq = cfg.data.seq_len
-  logits_tokens = rows * (min(c.loss_chunk, seq) if c.loss_chunk else seq)
-  logits_bytes = logits_tokens * c.vocab_size / vocab_shards * (12 + (compute if compute < 4
-                                                                       else 0))
+  logits_tokens = rows * min(c.loss_chunk or cfg.data.seq_len, cfg.data.seq_len)
+  logits_bytes = logits_tokens * c.vocab_size / vocab_shards * (12 + compute % 4)
   activations = rows * per_row + logits_bytes + tokens * 3 * c.d_model * 4
 
-  # one layer's weights gathered over fsdp (and cast to the compute dtype), twice: XLA prefetches
-  # the next layer's while the current one computes
-  layer_params = (c.d_model * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) +
-                  c.d_model * c.mlp_dim * (3 if c.llama else 2)) / tensor
-  gathered = sizes["fsdp"] > 1 or c.dtype != c.param_dtype
-  workspace = 2 * layer_params * compute if gathered else 0
-  # the embedding table, whole on every device for the lookup, in the compute dtype (model.py's
-  # Embed), and an untied head gathered like a layer
-  if gathered:
-    workspace += c.vocab_size * c.d_model * compute * (1 if c.tie_embeddings else 2)
+  workspace = _workspace_bytes(c, sizes, tensor)
   result = {
       "params": params_bytes,
       "optimizer": _bytes_per_device(optimizer_state, optimizer_specs, sizes),
@@ -145,7 +151,7 @@ def estimate_memory(cfg, num_devices: int) -> dict:
   return result
 
 
-# --- the README's memory table ----------------------------------------------------------------
+# --- LLaMA-shaped configs for tests and scripts ----------------------------------------------------------------
 
 # LLaMA-style shapes (layers, d_model, heads, kv_heads, mlp_dim) from published models
 LLAMA_LADDER = {
@@ -177,21 +183,3 @@ def ladder_config(name: str, num_devices: int, seq_len: int = 2048, rows_per_dev
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
   cfg = config_lib.finalize(cfg)
   return cfg
-
-
-def largest_model_table(memories_gib=(16, 32, 80, 95), device_counts=(1, 8, 64, 256),
-                        headroom: float = 0.9, **ladder_kwargs) -> str:
-  """Markdown: for each device memory and FSDP width, the largest ladder shape whose estimate
-  fits in `headroom` of the memory, with its estimate in GiB."""
-  totals = {(name, n): estimate_memory(ladder_config(name, n, **ladder_kwargs), n)["total"]
-            for name in LLAMA_LADDER for n in device_counts}
-  header = "| memory per device | " + " | ".join(
-      f"{n} devices (FSDP)" if n > 1 else "1 device" for n in device_counts) + " |"
-  lines = [header, "|" + " --- |" * (len(device_counts) + 1)]
-  for gib in memories_gib:
-    cells = []
-    for n in device_counts:
-      fits = [name for name in LLAMA_LADDER if totals[name, n] <= headroom * gib * GiB]
-      cells.append(f"{fits[-1]} ({totals[fits[-1], n] / GiB:.1f} GiB)" if fits else "-")
-    lines.append(f"| {gib} GiB | " + " | ".join(cells) + " |")
-  return "\n".join(lines)

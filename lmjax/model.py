@@ -13,6 +13,7 @@ Decoding uses the 'cache' collection: call with decode=True and mutable=["cache"
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax import config as config_lib
-from lmjax.ops import attention, gelu, rope, swiglu
+from lmjax.ops import attention, cudnn_attention, gelu, rope, splash_attention, swiglu
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -176,19 +177,20 @@ class Attention(nn.Module):
         raise ValueError("KV-cache decoding needs a causal model (model.causal=True).")
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, kv_mask_BS)
     else:
-      # kv_mask_BS (True = a real token) hides pads from every query, which matters when the
-      # attention is bidirectional
-      mask = None if kv_mask_BS is None else kv_mask_BS.astype(bool)[:, None, None, :]
-      if segment_ids_BT is not None:  # packed examples: each attends within its own segment
-        same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-        mask = same_B1TS if mask is None else mask & same_B1TS
-      if c.attention == "xla":
+      if kv_mask_BS is not None:  # pads (False) become segment 0, which real tokens never are
+        real_BT = kv_mask_BS.astype(jnp.int32)
+        segment_ids_BT = real_BT if segment_ids_BT is None else segment_ids_BT * real_BT
+      kernel = c.attention if c.attention != "auto" else "xla"  # unresolved (resolve_attention)
+      if kernel == "splash":
+        out_BTNH = _sharded_splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c)
+      elif kernel == "cudnn":
+        out_BTNH = cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, causal=c.causal,
+                                   scale=c.attention_scale)
+      else:
+        mask = None
+        if segment_ids_BT is not None:  # packed examples: each attends within its own segment
+          mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
         out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, c.causal, c.attention_scale)
-      else:  # cudnn (flash attention), or auto: JAX picks
-        impl = None if c.attention == "auto" else c.attention
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask,
-                                                scale=c.attention_scale,
-                                                is_causal=c.causal, implementation=impl)
     out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
     return Projection((c.num_heads, c.head_dim, c.d_model), ("heads", "kv", "embed"),
                       "BTNH,NHD->BTD", out_std, bias=not c.llama, cfg=c, name="out")(out_BTNH)
@@ -210,6 +212,57 @@ class Attention(nn.Module):
     mask_BTS = causal_TS[None] & kv_mask_BS[:, None, :].astype(bool)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                         scale=self.cfg.attention_scale)
+
+
+def _sharded_splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, c: ModelConfig):
+  """Splash attention on each device's rows and heads (shard_map over the current mesh: rows
+  over the mesh axes of "batch", heads over those of "act_heads"); in Pallas interpret mode
+  unless the mesh is TPU's. Key/value heads that the head shards do not divide are repeated
+  to one per query head first."""
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.get_abstract_mesh()
+  device = getattr(mesh, "abstract_device", None) if mesh is not None and mesh.shape else None
+  interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
+  if not interpret and (q_BTNH.shape[1] % 128 or k_BSKH.shape[1] % 128):
+    # the TPU kernel tiles sequences in blocks of 128: a shorter or ragged one (a short eval or
+    # classification batch) takes the XLA attention, which computes the same
+    mask = None if segment_ids_BT is None else (
+        segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    return attention(q_BTNH, k_BSKH, v_BSKH, mask, c.causal, c.attention_scale)
+  kernel = functools.partial(splash_attention, causal=c.causal, scale=c.attention_scale,
+                             interpret=interpret)
+  if device is None:  # no mesh: one device
+    return kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  rows, heads = nn.logical_to_mesh_axes(("batch", "act_heads"))
+  head_shards = math.prod(mesh.shape[a] for a in _axes(heads))
+  if k_BSKH.shape[2] % head_shards:
+    repeat = q_BTNH.shape[2] // k_BSKH.shape[2]
+    k_BSKH, v_BSKH = (jnp.repeat(x, repeat, axis=2) for x in (k_BSKH, v_BSKH))
+  qkv = P(rows, None, heads, None)
+  args, specs = (q_BTNH, k_BSKH, v_BSKH), (qkv, qkv, qkv)
+  if segment_ids_BT is not None:
+    args, specs = args + (segment_ids_BT,), specs + (P(rows, None),)
+  # check_vma=False: the Pallas call declares no varying mesh axes for its output
+  return jax.shard_map(kernel, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+
+
+def _axes(entry) -> tuple:
+  return () if entry is None else tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def resolve_attention(c: ModelConfig, device) -> ModelConfig:
+  """model.attention="auto" made concrete for the devices a run is on (`device`: one of them, or
+  the compile-only device of a TPU topology): splash on TPU, cuDNN flash attention on NVIDIA
+  GPUs (16-bit compute, head_dim a multiple of 8 up to 128), lmjax's XLA attention otherwise."""
+  if c.attention != "auto":
+    return c
+  choice = "xla"
+  if device.platform == "tpu":
+    choice = "splash"
+  elif ("nvidia" in device.device_kind.lower() and c.dtype != "float32" and
+        c.head_dim % 8 == 0 and c.head_dim <= 128):
+    choice = "cudnn"
+  return dataclasses.replace(c, attention=choice)
 
 
 class Mlp(nn.Module):

@@ -111,3 +111,75 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, is_causal=False, scale=None):
   probs_BKGTS = softmax(scores_BKGTS).astype(v_BSKH.dtype)
   out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+# --- kernels: splash attention (TPU, Pallas) and cuDNN flash attention (NVIDIA GPUs) ------------
+
+def _splash_block(t: int) -> int:
+  """The largest of 512, 256, 128 that divides the sequence (the whole sequence if none does,
+  which only interpret mode accepts; config validation keeps TPU runs at multiples of 128)."""
+  return next((b for b in (512, 256, 128) if t % b == 0), t)
+
+
+def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, causal: bool, scale=None,
+                     interpret: bool = False):
+  """Flash-style attention on TPU (jax.experimental.pallas.ops.tpu.splash_attention): the
+  [T, S] scores live in VMEM blocks, never in HBM; the backward recomputes them. Causal or
+  bidirectional, grouped-query (K divides N) and packed (a token attends only within its
+  segment id). Single-device shapes: model.py runs it per device under shard_map. `interpret`
+  runs the kernel's Pallas program on any backend (the CPU tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kern
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  b, t, n, h = q_BTNH.shape
+  s = k_BSKH.shape[1]
+  scale = h ** -0.5 if scale is None else scale
+  q_BNTH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).transpose(0, 2, 1, 3)
+  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  head_mask = masks.CausalMask((t, s)) if causal else masks.FullMask((t, s))
+  bq, bkv = _splash_block(t), _splash_block(s)
+  blocks = kern.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                           block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                           block_kv_dq=bkv)
+  kernel = kern.make_splash_mha(masks.MultiHeadMask([head_mask] * n), block_sizes=blocks,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+  if segment_ids_BT is None:
+    out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH)
+  else:
+    segments = segment_ids_BT.astype(jnp.int32)
+    out_BNTH = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=kern.SegmentIds(seg, seg)))(
+        q_BNTH, k_BKSH, v_BKSH, segments)
+  return out_BNTH.transpose(0, 2, 1, 3).astype(q_BTNH.dtype)
+
+
+def segments_as_lengths(segment_ids_BT):
+  """Packed rows as cuDNN takes them: (lengths [B, T], offsets [B, T + 1]) of every segment, -1
+  past a row's last; T bounds the number of segments a row can hold. lmjax packs rows as
+  contiguous segments 1, 2, ..., k then pads (0) at the end, so each segment starts where the
+  ones before it end. O(B x T): no [T, T] comparison is built."""
+  b, t = segment_ids_BT.shape
+  counts_BM1 = jnp.zeros((b, t + 1), jnp.int32).at[jnp.arange(b)[:, None], segment_ids_BT].add(1)
+  lengths_BM = counts_BM1[:, 1:]  # index 0 counted the pads
+  present_BM = lengths_BM > 0
+  ends_BM = jnp.cumsum(lengths_BM, axis=1)
+  starts_BM = ends_BM - lengths_BM
+  count_B = present_BM.sum(-1)
+  offsets_BM1 = jnp.concatenate([jnp.where(present_BM, starts_BM, -1),
+                                 jnp.full((b, 1), -1, jnp.int32)], 1)
+  offsets_BM1 = offsets_BM1.at[jnp.arange(b), count_B].set(ends_BM[:, -1])
+  return jnp.where(present_BM, lengths_BM, -1), offsets_BM1
+
+
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, causal: bool, scale=None):
+  """cuDNN flash attention (NVIDIA GPUs, 16-bit compute). Packed rows go to cuDNN as each
+  segment's length and offset (its packed layout), not as a dense [B, 1, T, S] mask: no T x S
+  tensor is built, and cuDNN skips the blocks outside every segment."""
+  scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+  if segment_ids_BT is None:
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=causal,
+                                        implementation="cudnn")
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # packing is not public in jax.nn
+  lengths_BM, offsets_BM1 = segments_as_lengths(segment_ids_BT)
+  mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
+  return cudnn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, q_seqlen=lengths_BM,
+                                     kv_seqlen=lengths_BM, q_offsets=offsets_BM1,
+                                     kv_offsets=offsets_BM1, scale=scale, mask_type=mask_type)

@@ -14,7 +14,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 CHOICES = {
     "model.style": ("gpt2", "llama"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention": ("xla", "cudnn", "auto"),
+    "model.attention": ("auto", "xla", "splash", "cudnn"),
     "model.parametrization": ("sp", "mup"),
     "model.dtype": DTYPE_NAMES,
     "model.param_dtype": DTYPE_NAMES,
@@ -85,9 +85,10 @@ def _model() -> ConfigDict:
   s.param_dtype = "float32"
   s.scan_layers = False
   s.remat = "none"  # what each layer saves for the backward pass
-  # xla: lmjax's einsum-softmax (ops.attention) | cudnn: flash attention on NVIDIA GPUs |
-  # auto: jax.nn.dot_product_attention picks
-  s.attention = "xla"
+  # auto: splash on TPU, cudnn on NVIDIA GPUs (16-bit compute), xla elsewhere (the CPU) |
+  # xla: lmjax's einsum-softmax (ops.attention) | splash: Pallas splash attention (TPU) |
+  # cudnn: cuDNN flash attention (NVIDIA GPUs)
+  s.attention = "auto"
   # the LM head and cross-entropy run over this many positions of every row at a time, each
   # chunk's logits recomputed in the backward: [rows, loss_chunk, vocab] float32 logits live at
   # once instead of [rows, seq_len, vocab]; 0 = the whole sequence at once

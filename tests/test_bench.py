@@ -106,12 +106,6 @@ def test_memory_estimate_shards_and_remat():
   assert full["optimizer"] == pytest.approx(2 * full["params"], rel=0.01)  # AdamW: mu, nu
 
 
-def test_readme_memory_table_is_the_codes():
-  with open(os.path.join(ROOT, "README.md")) as f:
-    readme = f.read()
-  assert memory.largest_model_table() in readme
-
-
 def test_scan_keeps_the_program_size_flat():
   """Compile time follows the program XLA gets: with scan_layers it does not grow with depth
   (compile times themselves are in BENCHMARKS.md)."""
