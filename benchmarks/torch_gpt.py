@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -115,12 +116,13 @@ def train_step(model, optimizer, tokens_BT1, step: int, grad_clip: float = 1.0,
 
 def benchmark(layers=6, d_model=384, heads=6, vocab=8192, seq_len=256, batch=16, steps=20,
               warmup=3, threads=2, fused=True, seed=0, compile=False, device="cpu",
-              dtype="float32") -> dict:
+              dtype="float32", profile=False) -> dict:
   """Median step time of `steps` timed steps after `warmup` untimed ones, on one fixed batch.
 
   compile: `torch.compile` the model (the warm-up steps compile it). dtype "bfloat16" runs the
   forward and backward under `torch.autocast` (float32 parameters and AdamW state, as lmjax's
-  `model.dtype=bfloat16`).
+  `model.dtype=bfloat16`). profile: the timed steps run under `torch.profiler` and the time per
+  op goes to stderr (profile_table).
   """
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
@@ -132,16 +134,37 @@ def benchmark(layers=6, d_model=384, heads=6, vocab=8192, seq_len=256, batch=16,
   for step in range(warmup):
     train_step(run_model, optimizer, tokens_BT1, step, autocast=autocast)
   step_times = []
-  for step in range(warmup, warmup + steps):
-    start = time.perf_counter()
-    loss = float(train_step(run_model, optimizer, tokens_BT1, step, autocast=autocast))  # waits
-    step_times.append(time.perf_counter() - start)
+  prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile \
+      else contextlib.nullcontext()
+  with prof:
+    for step in range(warmup, warmup + steps):
+      start = time.perf_counter()
+      loss = float(train_step(run_model, optimizer, tokens_BT1, step, autocast=autocast))  # waits
+      step_times.append(time.perf_counter() - start)
+  if profile:
+    print(profile_table(prof, steps), file=sys.stderr)
   step_time = statistics.median(step_times)
   return {"framework": "torch", "torch_version": torch.__version__, "threads": threads,
           "compile": compile, "device": device, "dtype": dtype,
           "fused_adamw": fused, "num_params": count_params(model), "step_time_s": step_time,
           "step_time_min_s": min(step_times), "step_time_max_s": max(step_times),
           "tokens_per_second": batch * seq_len / step_time, "loss": loss, "steps": steps}
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear")
+
+
+def profile_table(prof, steps: int, top: int = 12) -> str:
+  """Self CPU time per op over the profiled steps: the matmuls' share, then the largest ops."""
+  ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+  total = sum(e.self_cpu_time_total for e in ops) / 1e6
+  dots = sum(e.self_cpu_time_total for e in ops if e.key in MATMULS) / 1e6
+  lines = [f"torch: op self time over {steps} step(s): {total:.2f} s",
+           f"  {'matmuls (mm/addmm/bmm)':<22} {dots:6.2f} s  {dots / total:6.1%}",
+           f"  {'everything else':<22} {total - dots:6.2f} s  {(total - dots) / total:6.1%}",
+           "largest ops:"]
+  lines += [f"  {e.key:<40} {e.self_cpu_time_total / 1e3:8.1f} ms" for e in ops[:top]]
+  return "\n".join(lines)
 
 
 def main():
@@ -159,10 +182,11 @@ def main():
   p.add_argument("--compile", action="store_true", help="torch.compile the model")
   p.add_argument("--device", default="cpu", help="cpu or cuda")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--profile", action="store_true", help="time per op to stderr (torch.profiler)")
   a = p.parse_args()
   print(json.dumps(benchmark(a.layers, a.d_model, a.heads, a.vocab, a.seq_len, a.batch, a.steps,
                              a.warmup, a.threads, not a.no_fused, compile=a.compile,
-                             device=a.device, dtype=a.dtype)))
+                             device=a.device, dtype=a.dtype, profile=a.profile)))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ the TPU compiler (`lmjax compile`, libtpu on this CPU machine), next to lmjax's 
       [--rows_per_chip 2] [--remats none,dots_no_batch,full] [--json out.json]
       [--config.KEY=VALUE ...]
   python benchmarks/tpu_memory.py --slices v5p-8 --models llama.py:1b --rows_per_chip 1 \
-      --seq_lens 4096,8192,16384,32768 \
-      --variants "xla, full logits:model.attention=xla,model.loss_chunk=0;auto, chunked:"
+      --seq_lens 4096,8192,16384,32768 --config.model.remat=dots_no_batch \
+      --variants "xla, full logits:model.attention=xla,model.loss_chunk=0;splash, chunked:"
 
 Every model trains with its config's defaults (dtype, scan, remat, attention, loss) and FSDP over
 all chips; the global batch is rows_per_chip x chips sequences of the config's seq_len. A cell is

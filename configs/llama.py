@@ -12,6 +12,12 @@ SHAPES = {  # num_layers, d_model, num_heads, num_kv_heads, mlp_dim, max_len, le
     "7b": (32, 4096, 32, 32, 11008, 4096, 3e-4),
 }
 
+# the remat policy per size: the least recomputation under which the config's own batch (256
+# sequences) trains on a v5p-128 (64 chips, FSDP), from `lmjax compile` (BENCHMARKS.md, "Remat
+# defaults"): 1b needs 22.1 GiB per chip without remat; 7b does not fit without it (> 117.7 GiB)
+# and needs 50.4 GiB with dots_no_batch
+REMAT = {"60m": "none", "125m": "none", "1b": "none", "7b": "dots_no_batch"}
+
 
 def get_config(variant: str = "60m"):
   if variant not in SHAPES:
@@ -27,7 +33,7 @@ def get_config(variant: str = "60m"):
   c.model.norm_eps = 1e-5
   c.model.dtype = "bfloat16"
   c.model.scan_layers = True
-  c.model.remat = "dots_no_batch" if layers >= 16 else "none"
+  c.model.remat = REMAT[variant]
   c.data.source = "pystdlib"
   c.data.seq_len = max_len
   c.train.batch_size = 256
