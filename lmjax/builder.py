@@ -29,7 +29,7 @@ from lmjax import config as config_lib
 from lmjax import lora as lora_lib
 from lmjax import sharding as sharding_lib
 from lmjax import workdir as workdir_lib
-from lmjax.data.tokenizer import masking_for
+from lmjax.data.tokenizer import eos_for, masking_for
 from lmjax.errors import ConfigError
 from lmjax.flops import count_params
 from lmjax.losses import Forward, Objective, objective as make_objective
@@ -121,7 +121,8 @@ class Run:
 def pretraining_objective(cfg, workdir: str | None = None) -> Objective:
   """train.objective, with a masked LM's mask token read from the run's tokenizer."""
   masking = masking_for(cfg, workdir) if cfg.train.objective == "masked_lm" else None
-  return make_objective(cfg.train.objective, masking=masking)
+  eos_id = eos_for(cfg, workdir) if cfg.data.packing == "documents" else None
+  return make_objective(cfg.train.objective, masking=masking, eos_id=eos_id)
 
 
 def _parts(cfg, objective: Objective, model: Transformer):

@@ -105,13 +105,33 @@ def lm_losses(forward, params, inputs_BT, targets_BT, positions_BT=None, segment
 
 # --- the losses ---------------------------------------------------------------------------------
 
-def causal_lm_loss(forward, params, batch, rng, deterministic=False):
+def causal_lm_loss(forward, params, batch, rng, deterministic=False, *, eos_id=None):
   """Next-token cross-entropy over every position of {"tokens": [B, T + 1]} (inputs [:, :-1],
-  targets [:, 1:])."""
+  targets [:, 1:]). With eos_id (data.packing="documents"), each document of the window is its
+  own sequence: attention stays inside it, positions restart at 0, and the prediction made at
+  an eos (the next document's first token, from another document) is not scored."""
   tokens_BT1 = batch["tokens"]
-  nll_BT, _ = lm_losses(forward, params, tokens_BT1[:, :-1], tokens_BT1[:, 1:], rng=rng,
-                        deterministic=deterministic)
-  return nll_BT.sum(), {"tokens": jnp.asarray(nll_BT.size, jnp.float32)}
+  inputs_BT, targets_BT = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+  if eos_id is None:
+    nll_BT, _ = lm_losses(forward, params, inputs_BT, targets_BT, rng=rng,
+                          deterministic=deterministic)
+    return nll_BT.sum(), {"tokens": jnp.asarray(nll_BT.size, jnp.float32)}
+  positions_BT, segments_BT = document_segments(inputs_BT, eos_id)
+  nll_BT, _ = lm_losses(forward, params, inputs_BT, targets_BT, positions_BT, segments_BT,
+                        rng=rng, deterministic=deterministic)
+  scored_BT = (inputs_BT != eos_id).astype(jnp.float32)
+  return (nll_BT * scored_BT).sum(), {"tokens": scored_BT.sum()}
+
+
+def document_segments(inputs_BT, eos_id: int):
+  """(positions, segment ids) [B, T] of windows of eos-terminated documents: a document starts
+  at the window's first token and after every eos (an eos belongs to the document it ends);
+  segment ids count documents from 1 in each row, positions count from 0 in each document."""
+  starts_BT = jnp.pad(inputs_BT[:, :-1] == eos_id, ((0, 0), (1, 0)), constant_values=True)
+  segments_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32)
+  index_BT = jnp.broadcast_to(jnp.arange(inputs_BT.shape[1], dtype=jnp.int32), inputs_BT.shape)
+  first_BT = jax.lax.cummax(jnp.where(starts_BT, index_BT, 0), axis=1)
+  return index_BT - first_BT, segments_BT
 
 
 def masked_lm_loss(forward, params, batch, rng, deterministic=False):
@@ -244,8 +264,8 @@ SFT_ROWS = {"inputs": 2, "targets": 2, "weights": 2, "positions": 2, "segments":
 CLASSIFICATION_ROWS = {"inputs": 2, "positions": 2, "segments": 2, "labels": 1, "valid": 1}
 
 
-def _causal_lm(**_) -> Objective:
-  return Objective("causal_lm", causal_lm_loss, TOKENS)
+def _causal_lm(eos_id: int | None = None, **_) -> Objective:
+  return Objective("causal_lm", functools.partial(causal_lm_loss, eos_id=eos_id), TOKENS)
 
 
 def _masked_lm(masking: masking_lib.Masking, **_) -> Objective:
@@ -273,6 +293,7 @@ OBJECTIVES = {"causal_lm": _causal_lm, "masked_lm": _masked_lm, "sft": _sft,
 
 
 def objective(name: str, **facts) -> Objective:
-  """The objective `name` (a train.objective or finetune.task value) with its facts: `masking`
-  (masked_lm), `num_classes` and `pooling` (classification)."""
+  """The objective `name` (a train.objective or finetune.task value) with its facts: `eos_id`
+  (causal_lm with document masking), `masking` (masked_lm), `num_classes` and `pooling`
+  (classification)."""
   return OBJECTIVES[name](**facts)

@@ -223,9 +223,9 @@ def _sharded_splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, c: ModelConfig):
   mesh = jax.sharding.get_abstract_mesh()
   device = getattr(mesh, "abstract_device", None) if mesh is not None and mesh.shape else None
   interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
-  if not interpret and (q_BTNH.shape[1] % 128 or k_BSKH.shape[1] % 128):
-    # the TPU kernel tiles sequences in blocks of 128: a shorter or ragged one (a short eval or
-    # classification batch) takes the XLA attention, which computes the same
+  if q_BTNH.shape[1] % 128 or k_BSKH.shape[1] % 128:
+    # the kernel tiles sequences in blocks of 128 (in interpret mode too): a shorter or ragged
+    # one (a short eval or classification batch) takes the XLA attention, which computes the same
     mask = None if segment_ids_BT is None else (
         segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
     return attention(q_BTNH, k_BSKH, v_BSKH, mask, c.causal, c.attention_scale)

@@ -117,7 +117,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask=None, is_causal=False, scale=None):
 
 def _splash_block(t: int) -> int:
   """The largest of 512, 256, 128 that divides the sequence (the whole sequence if none does,
-  which only interpret mode accepts; config validation keeps TPU runs at multiples of 128)."""
+  which the kernel refuses: the model sends such sequences to the XLA attention instead)."""
   return next((b for b in (512, 256, 128) if t % b == 0), t)
 
 

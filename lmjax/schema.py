@@ -19,6 +19,7 @@ CHOICES = {
     "model.dtype": DTYPE_NAMES,
     "model.param_dtype": DTYPE_NAMES,
     "data.tokenizer_type": ("bpe", "unigram"),
+    "data.packing": ("none", "documents"),
     "train.objective": ("causal_lm", "masked_lm"),
     "optim.name": ("adamw", "lion", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -105,6 +106,9 @@ def _data() -> ConfigDict:
   s = ConfigDict()
   s.source = "synthetic"  # synthetic | pystdlib | text:GLOB | tfds:NAME
   s.seq_len = 256
+  # pretraining windows cut the token stream anywhere; "documents": attention stays inside each
+  # eos-terminated document of a window, positions restart per document (causal_lm only)
+  s.packing = "none"
   s.text_field = "text"  # field read from .jsonl records
   s.tfds_data_dir = ""
   s.tfds_split = "train"

@@ -37,7 +37,8 @@ def _train(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> dict:
   workdir_lib.check_compatible(cfg, workdir)
   run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))  # errors before the data
   prepare_data(cfg, workdir)
-  if cfg.train.objective == "masked_lm":  # its mask token is the prepared tokenizer's
+  if cfg.train.objective == "masked_lm" or cfg.data.packing == "documents":
+    # the mask token, or the eos that ends documents, is the prepared tokenizer's
     run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))
   train_step, eval_step = run.jit_train_step(), run.jit_eval_step()
   # a CPU's peak FLOP/s (for MFU) is measured: before the loader's workers start competing for it

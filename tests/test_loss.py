@@ -108,3 +108,61 @@ def test_the_embedding_is_gathered_in_the_compute_dtype():
   hlo = lowered.compile().as_text()
   gathers = re.findall(r"= ([a-z0-9]+)\[(?:4096,256|256,4096|1024,256)\][^ ]* all-gather\(", hlo)
   assert gathers and set(gathers) == {"bf16"}, gathers
+
+
+# --- document masking in pretraining (data.packing="documents") ---------------------------------
+
+EOS = 1
+
+
+def test_documents_are_found_by_their_eos():
+  inputs_BT = jnp.array([[5, 6, EOS, 7, EOS, EOS, 8, 9],
+                         [EOS, 3, 4, 5, 6, 7, 8, 9]])
+  positions_BT, segments_BT = losses.document_segments(inputs_BT, EOS)
+  np.testing.assert_array_equal(positions_BT, [[0, 1, 2, 0, 1, 0, 0, 1],
+                                               [0, 0, 1, 2, 3, 4, 5, 6]])
+  np.testing.assert_array_equal(segments_BT, [[1, 1, 1, 2, 2, 3, 4, 4],
+                                              [1, 2, 2, 2, 2, 2, 2, 2]])
+
+
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_each_document_in_a_window_has_its_loss_alone(attention):
+  """A window of three eos-terminated documents: its loss is the sum of each document's loss as
+  a row of its own, on the XLA attention and on splash (Pallas interpret mode; the rows alone,
+  not multiples of 128, take the XLA attention); without document masking it is not."""
+  rng = np.random.default_rng(3)
+  docs = [rng.integers(2, 64, n).tolist() for n in (50, 41, 35)]
+  window = sum((d + [EOS] for d in docs), [])  # 129 tokens: inputs and targets of 128
+  cfg = tiny_config("model.style=llama", "model.tie_embeddings=False", "model.max_len=256",
+                    f"model.attention={attention}", "data.seq_len=128")
+  documents = losses.objective("causal_lm", eos_id=EOS)
+  run = builder.build(cfg, documents)
+  params = run.init().params
+
+  def loss(tokens, objective):
+    with run.context():
+      total, sums = objective.loss(run.forward, params, {"tokens": jnp.asarray([tokens])}, None,
+                                   True)
+    return float(total), float(sums["tokens"])
+
+  packed, scored = loss(window, documents)
+  alone = [loss(d + [EOS], documents) for d in docs]
+  assert scored == sum(n for _, n in alone) == sum(len(d) for d in docs)
+  np.testing.assert_allclose(packed, sum(t for t, _ in alone), rtol=1e-5)
+  # a document alone has no eos inside, so masking or not is the same loss there...
+  plain = losses.objective("causal_lm")
+  np.testing.assert_allclose([loss(d + [EOS], plain)[0] for d in docs], [t for t, _ in alone],
+                             rtol=1e-5)
+  # ... and in the window the plain loss sees across documents
+  whole, _ = loss(window, plain)
+  per_token_plain = whole / (len(window) - 1)
+  assert abs(per_token_plain - packed / scored) > 1e-4
+
+
+def test_document_packing_needs_documents_and_a_causal_lm():
+  from lmjax.errors import ConfigError
+  with pytest.raises(ConfigError, match="synthetic has none"):
+    builder.pretraining_objective(tiny_config("data.packing=documents"))
+  with pytest.raises(ConfigError, match="for train.objective=causal_lm"):
+    builder.pretraining_objective(tiny_config("data.packing=documents", "data.source=pystdlib",
+                                              "train.objective=masked_lm", "model.causal=False"))

@@ -173,6 +173,26 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
+def eos_for(cfg, workdir: str | None = None) -> int:
+  """The id that ends every document of the prepared stream (data.packing="documents"): the
+  run's tokenizer's eos. Before the tokenizer exists (a run's first build, which checks the
+  config before the data is prepared) SentencePiece's default eos, 2, stands in."""
+  if cfg.data.source == "synthetic":
+    raise ConfigError("data.packing=documents needs documents, and data.source=synthetic has none "
+                      "(one endless stream): use a text source, or data.packing=none.")
+  if cfg.train.objective != "causal_lm":
+    raise ConfigError(f"data.packing=documents is for train.objective=causal_lm, not "
+                      f"{cfg.train.objective}: set data.packing=none.")
+  path = workdir_lib.tokenizer_path(cfg, workdir) if (workdir or cfg.data.tokenizer) else ""
+  if path and epath.Path(path).is_file():
+    eos = load_tokenizer(path).eos_id()
+    if eos < 0:
+      raise ConfigError(f"The tokenizer {path} has no eos piece to find documents by: use one "
+                        f"with eos (`lmjax tokenizer train` makes one), or data.packing=none.")
+    return eos
+  return 2
+
+
 def masking_for(cfg, workdir: str | None = None) -> Masking:
   """A masked LM's Masking, with the mask token's id from the run's tokenizer: train.mask_token_id
   if set; synthetic data: vocab_size - 1 (which the synthetic stream then never contains); text:
