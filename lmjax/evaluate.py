@@ -66,17 +66,18 @@ def _with_scored_bytes(run, eval_step, workdir: str):
   """eval_step plus "bytes": the UTF-8 bytes of the batch's target tokens, summed on the mesh
   (each global row once, however the rows are spread over processes). With document masking, a
   target after an eos is not scored (losses.causal_lm_loss), so its bytes do not count."""
-  path = workdir_lib.tokenizer_path(run.cfg, workdir)
-  eos = data_lib.load_tokenizer(path).eos_id() if run.cfg.data.packing == "documents" else -1
-  count = _bytes_counter(path, run.batch_shardings["tokens"], eos)
+  count = _bytes_counter(workdir_lib.tokenizer_path(run.cfg, workdir),
+                         run.batch_shardings["tokens"], run.cfg.data.packing == "documents")
   return lambda params, batch: {**eval_step(params, batch), "bytes": count(batch["tokens"])}
 
 
 @functools.lru_cache(maxsize=8)
-def _bytes_counter(tokenizer_path: str, sharding, eos_id: int = -1):
-  """tokens [B, T + 1] -> the UTF-8 bytes of tokens[:, 1:] (those not after eos_id), jitted once
-  per tokenizer and sharding (not again at every periodic eval)."""
-  table = jnp.asarray(data_lib.token_bytes(data_lib.load_tokenizer(tokenizer_path)))
+def _bytes_counter(tokenizer_path: str, sharding, documents: bool = False):
+  """tokens [B, T + 1] -> the UTF-8 bytes of tokens[:, 1:] (with `documents`, those not after an
+  eos), jitted once per tokenizer and sharding (not again at every periodic eval)."""
+  tokenizer = data_lib.load_tokenizer(tokenizer_path)
+  table = jnp.asarray(data_lib.token_bytes(tokenizer))
+  eos_id = tokenizer.eos_id() if documents else -1  # -1: no token is after it
   return jax.jit(lambda tokens: jnp.where(tokens[:, :-1] != eos_id, table[tokens[:, 1:]],
                                           0).sum(dtype=jnp.float32),
                  in_shardings=(sharding,), out_shardings=sharding_lib.replicated(sharding.mesh))

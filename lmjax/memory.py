@@ -135,7 +135,8 @@ def estimate_memory(cfg, num_devices: int, device=None) -> dict:
   # the compute-dtype logits before the cast when computing in 16 bits; then embeddings and the
   # final norm (float32 hidden states and their gradient)
   logits_tokens = rows * min(c.loss_chunk or cfg.data.seq_len, cfg.data.seq_len)
-  logits_bytes = logits_tokens * c.vocab_size / vocab_shards * (12 + compute % 4)
+  logits_bytes = logits_tokens * c.vocab_size / vocab_shards * (12 + (compute if compute < 4
+                                                                       else 0))
   activations = rows * per_row + logits_bytes + tokens * 3 * c.d_model * 4
 
   workspace = _workspace_bytes(c, sizes, tensor)
@@ -151,7 +152,7 @@ def estimate_memory(cfg, num_devices: int, device=None) -> dict:
   return result
 
 
-# --- LLaMA-shaped configs for tests and scripts ----------------------------------------------------------------
+# --- LLaMA-shaped configs for tests and scripts ---------------------------------------------------
 
 # LLaMA-style shapes (layers, d_model, heads, kv_heads, mlp_dim) from published models
 LLAMA_LADDER = {

@@ -177,20 +177,19 @@ class Attention(nn.Module):
         raise ValueError("KV-cache decoding needs a causal model (model.causal=True).")
       out_BTNH = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, kv_mask_BS)
     else:
-      if kv_mask_BS is not None:  # pads (False) become segment 0, which real tokens never are
-        real_BT = kv_mask_BS.astype(jnp.int32)
-        segment_ids_BT = real_BT if segment_ids_BT is None else segment_ids_BT * real_BT
       kernel = c.attention if c.attention != "auto" else "xla"  # unresolved (resolve_attention)
-      if kernel == "splash":
-        out_BTNH = _sharded_splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c)
-      elif kernel == "cudnn":
-        out_BTNH = cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, causal=c.causal,
-                                   scale=c.attention_scale)
-      else:
-        mask = None
-        if segment_ids_BT is not None:  # packed examples: each attends within its own segment
-          mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, mask, c.causal, c.attention_scale)
+      if kernel == "xla":
+        out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, _xla_mask(kv_mask_BS, segment_ids_BT),
+                             c.causal, c.attention_scale)
+      else:  # the kernels take segment ids only: pads (False) become segment 0, never a token's
+        if kv_mask_BS is not None:
+          real_BT = kv_mask_BS.astype(jnp.int32)
+          segment_ids_BT = real_BT if segment_ids_BT is None else segment_ids_BT * real_BT
+        if kernel == "splash":
+          out_BTNH = _sharded_splash(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, c)
+        else:
+          out_BTNH = cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, causal=c.causal,
+                                     scale=c.attention_scale)
     out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
     return Projection((c.num_heads, c.head_dim, c.d_model), ("heads", "kv", "embed"),
                       "BTNH,NHD->BTD", out_std, bias=not c.llama, cfg=c, name="out")(out_BTNH)
@@ -214,6 +213,16 @@ class Attention(nn.Module):
                                         scale=self.cfg.attention_scale)
 
 
+def _xla_mask(kv_mask_BS, segment_ids_BT):
+  """The XLA attention's boolean mask [B, 1, T or 1, S]: kv_mask_BS (True = a real token) hides
+  pads from every query; packed examples attend within their own segment."""
+  mask = None if kv_mask_BS is None else kv_mask_BS.astype(bool)[:, None, None, :]
+  if segment_ids_BT is not None:
+    same_B1TS = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+    mask = same_B1TS if mask is None else mask & same_B1TS
+  return mask
+
+
 def _sharded_splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, c: ModelConfig):
   """Splash attention on each device's rows and heads (shard_map over the current mesh: rows
   over the mesh axes of "batch", heads over those of "act_heads"); in Pallas interpret mode
@@ -226,9 +235,8 @@ def _sharded_splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, c: ModelConfig):
   if q_BTNH.shape[1] % 128 or k_BSKH.shape[1] % 128:
     # the kernel tiles sequences in blocks of 128 (in interpret mode too): a shorter or ragged
     # one (a short eval or classification batch) takes the XLA attention, which computes the same
-    mask = None if segment_ids_BT is None else (
-        segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
-    return attention(q_BTNH, k_BSKH, v_BSKH, mask, c.causal, c.attention_scale)
+    return attention(q_BTNH, k_BSKH, v_BSKH, _xla_mask(None, segment_ids_BT), c.causal,
+                     c.attention_scale)
   kernel = functools.partial(splash_attention, causal=c.causal, scale=c.attention_scale,
                              interpret=interpret)
   if device is None:  # no mesh: one device

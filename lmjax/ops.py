@@ -145,9 +145,9 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, causal: boo
   if segment_ids_BT is None:
     out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH)
   else:
-    segments = segment_ids_BT.astype(jnp.int32)
-    out_BNTH = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=kern.SegmentIds(seg, seg)))(
-        q_BNTH, k_BKSH, v_BKSH, segments)
+    def one_row(q, k, v, segments_T):
+      return kernel(q, k, v, segment_ids=kern.SegmentIds(segments_T, segments_T))
+    out_BNTH = jax.vmap(one_row)(q_BNTH, k_BKSH, v_BKSH, segment_ids_BT.astype(jnp.int32))
   return out_BNTH.transpose(0, 2, 1, 3).astype(q_BTNH.dtype)
 
 
