@@ -230,10 +230,16 @@ def generate_reference(model: Transformer, params, prompt: list[int], max_new_to
 
 def generate_from_text(model: Transformer, params, tokenizer, prompts: list[str],
                        **kwargs) -> list[str]:
-  """Text in, text out, through a tokenizer with encode/decode/bos_id/eos_id (SentencePiece's):
-  an empty prompt starts from BOS."""
-  ids = [tokenizer.encode(prompt) or [tokenizer.bos_id()] for prompt in prompts]
-  eos = tokenizer.eos_id()
-  out = generate(model, params, ids, eos_id=eos if eos >= 0 else None, **kwargs)
+  """Text in, text out, through a data.tokenizer.Tokenizer (prompts framed by
+  `encode_prompt`: an empty prompt starts from bos); a row stops at the tokenizer's eos."""
+  return generate_from_ids(model, params, tokenizer,
+                           [tokenizer.encode_prompt(prompt) for prompt in prompts], **kwargs)
+
+
+def generate_from_ids(model: Transformer, params, tokenizer, prompts: list[list[int]],
+                      **kwargs) -> list[str]:
+  """Prompts already tokenized (e.g. a chat template's) -> decoded continuations."""
+  eos = tokenizer.eos_id
+  out = generate(model, params, prompts, eos_id=eos if eos >= 0 else None, **kwargs)
   return [tokenizer.decode(row) for row in out]
 

@@ -76,8 +76,8 @@ def _bytes_counter(tokenizer_path: str, sharding, documents: bool = False):
   """tokens [B, T + 1] -> the UTF-8 bytes of tokens[:, 1:] (with `documents`, those not after an
   eos), jitted once per tokenizer and sharding (not again at every periodic eval)."""
   tokenizer = data_lib.load_tokenizer(tokenizer_path)
-  table = jnp.asarray(data_lib.token_bytes(tokenizer))
-  eos_id = tokenizer.eos_id() if documents else -1  # -1: no token is after it
+  table = jnp.asarray(tokenizer.token_bytes())
+  eos_id = tokenizer.eos_id if documents else -1  # -1: no token is after it
   return jax.jit(lambda tokens: jnp.where(tokens[:, :-1] != eos_id, table[tokens[:, 1:]],
                                           0).sum(dtype=jnp.float32),
                  in_shardings=(sharding,), out_shardings=sharding_lib.replicated(sharding.mesh))

@@ -117,11 +117,12 @@ def _data_of(cfg, init_cfg, init: str) -> dict:
   config's seq_len and the tokenizer (the config's, else the init run's)."""
   init_tokenizer = workdir_lib.absolute(workdir_lib.tokenizer_path(init_cfg, init))
   init_tokenizer = init_tokenizer if os.path.isfile(init_tokenizer) else ""
-  tokenizer = workdir_lib.absolute(cfg.data.tokenizer) or init_tokenizer
+  tokenizer = workdir_lib.absolute(cfg.data.tokenizer and workdir_lib.tokenizer_model_file(
+      cfg.data.tokenizer)) or init_tokenizer
   if not tokenizer:
-    raise ConfigError(f"The --init run ({init}) has no SentencePiece tokenizer (it trained on "
-                      "synthetic tokens, or was imported without a tokenizer.model): set "
-                      "--config.data.tokenizer=PATH.model to the tokenizer its vocabulary means.")
+    raise ConfigError(f"The --init run ({init}) has no tokenizer (it trained on synthetic "
+                      "tokens, or was imported without a tokenizer.json or tokenizer.model): set "
+                      "--config.data.tokenizer=PATH to the tokenizer its vocabulary means.")
   data = init_cfg.data.to_dict()
   data.update(seq_len=cfg.data.seq_len, tokenizer=tokenizer, prepared_dir="")
   init_prepared = workdir_lib.prepared_dir(init_cfg, init)
@@ -152,7 +153,7 @@ def with_init(cfg, workdir: str, overrides=()):
     raise ConfigError(f"finetune.task=sft needs a causal LM, but the --init run ({init}) is a "
                       "bidirectional encoder (model.causal=False); use finetune.task="
                       "classification.")
-  size = load_tokenizer(out.data.tokenizer).get_piece_size()
+  size = load_tokenizer(out.data.tokenizer).vocab_size
   if size > out.model.vocab_size:
     raise ConfigError(f"Vocabulary mismatch: the tokenizer {out.data.tokenizer} has {size} pieces "
                       f"but the --init model has model.vocab_size={out.model.vocab_size}. Use the "

@@ -9,13 +9,16 @@ from lmjax import builder
 from lmjax import data as data_lib
 from lmjax import decode
 from lmjax import workdir as workdir_lib
+from lmjax.data import chat as chat_lib
 from lmjax.errors import ConfigError
 
 
 def generate_text(workdir: str, prompts: list[str], *, step: int | None = None, overrides=(),
-                  **kwargs) -> list[str]:
+                  chat: bool = False, **kwargs) -> list[str]:
   """Continuations of `prompts` from the run in `workdir` (latest checkpoint, or `step`);
-  `kwargs` are decode.generate's (max_new_tokens, temperature, top_k, top_p, seed)."""
+  `kwargs` are decode.generate's (max_new_tokens, temperature, top_k, top_p, seed). With `chat`,
+  each prompt is a user message and the reply is the assistant's, written by the tokenizer's
+  chat template (data/chat.py; lmjax's plain format without one)."""
   cfg = workdir_lib.load_config(workdir, overrides)
   if not cfg.model.causal:
     raise ConfigError(f"The run in '{workdir}' is a bidirectional encoder (model.causal=False, "
@@ -27,6 +30,10 @@ def generate_text(workdir: str, prompts: list[str], *, step: int | None = None, 
                       "turn text into tokens. Train on text (e.g. data.source=pystdlib) to sample.")
   tokenizer = data_lib.load_tokenizer(workdir_lib.tokenizer_path(cfg, workdir))
   _, run, params, _ = builder.load_params(workdir, step, overrides)
+  if chat:
+    texts = [chat_lib.prompt(tokenizer, p) for p in prompts]
+    return decode.generate_from_ids(run.model, params, tokenizer,
+                                    [tokenizer.encode([t])[0] for t in texts], **kwargs)
   return decode.generate_from_text(run.model, params, tokenizer, prompts, **kwargs)
 
 

@@ -18,7 +18,7 @@ CHOICES = {
     "model.parametrization": ("sp", "mup"),
     "model.dtype": DTYPE_NAMES,
     "model.param_dtype": DTYPE_NAMES,
-    "data.tokenizer_type": ("bpe", "unigram"),
+    "data.tokenizer_type": ("bpe", "unigram", "byte_bpe"),
     "data.packing": ("none", "documents"),
     "train.objective": ("causal_lm", "masked_lm"),
     "optim.name": ("adamw", "lion", "adafactor"),
@@ -104,15 +104,18 @@ def _model() -> ConfigDict:
 
 def _data() -> ConfigDict:
   s = ConfigDict()
-  s.source = "synthetic"  # synthetic | pystdlib | text:GLOB | tfds:NAME
+  s.source = "synthetic"  # synthetic | pystdlib | text:GLOB | parquet:GLOB | arrow:PATH | tfds:NAME
   s.seq_len = 256
   # pretraining windows cut the token stream anywhere; "documents": attention stays inside each
   # eos-terminated document of a window, positions restart per document (causal_lm only)
   s.packing = "none"
-  s.text_field = "text"  # field read from .jsonl records
+  s.text_field = "text"  # field of .jsonl records, column of parquet/arrow rows, TFDS feature
   s.tfds_data_dir = ""
   s.tfds_split = "train"
-  s.tokenizer = ""  # path to a SentencePiece .model; "" = WORKDIR/data/tokenizer.model (trained)
+  # a SentencePiece .model, a Hugging Face tokenizer.json, or a directory with either; "" = train
+  # one into the prepared dir (WORKDIR/data/tokenizer.model, or tokenizer.json for byte_bpe)
+  s.tokenizer = ""
+  # of a trained tokenizer: bpe | unigram (SentencePiece) | byte_bpe (byte-level BPE, tokenizers)
   s.tokenizer_type = "bpe"
   s.vocab_size = 0  # tokenizer vocabulary when training one; 0 = model.vocab_size
   s.tokenizer_sample_bytes = 20_000_000
@@ -169,7 +172,9 @@ def _finetune() -> ConfigDict:
   s = ConfigDict()
   s.init = ""  # run (or converted HF) workdir whose latest params start fine-tuning
   s.task = "sft"
-  s.data = ""  # jsonl; sft: {"prompt","response"} or {"messages"}; else {"text","label"}
+  # .jsonl, .parquet or an Arrow dataset (save_to_disk dir, .arrow); a record a line or row:
+  # sft: {"prompt","response"} or {"messages"}; classification: {"text","label"}
+  s.data = ""
   s.val_fraction = 0.1  # held-out examples (at least one), fixed by train.seed
   s.lora_rank = 0  # 0 = full fine-tuning
   s.lora_alpha = 16.0  # LoRA scale is lora_alpha / lora_rank

@@ -38,7 +38,8 @@ SWEEP_PLAN = "sweep.json"
 SWEEP_RESULTS = "results.jsonl"
 FIT = "fit.json"
 PLOTS = "plots"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"  # SentencePiece
+HF_TOKENIZER = "tokenizer.json"  # Hugging Face tokenizers
 FINETUNE_STATE = "finetune"
 
 
@@ -125,8 +126,22 @@ def local_copy(path: str, version: str = "") -> str:
 
 
 def tokenizer_path(cfg, workdir: str) -> str:
-  """data.tokenizer, else the tokenizer prepared for the run (which may not exist yet)."""
-  return cfg.data.tokenizer or os.path.join(prepared_dir(cfg, workdir), TOKENIZER)
+  """data.tokenizer, else the tokenizer prepared for the run (which may not exist yet):
+  tokenizer.model, or tokenizer.json for data.tokenizer_type=byte_bpe."""
+  if cfg.data.tokenizer:
+    return tokenizer_model_file(cfg.data.tokenizer)
+  name = HF_TOKENIZER if cfg.data.tokenizer_type == "byte_bpe" else TOKENIZER
+  return os.path.join(prepared_dir(cfg, workdir), name)
+
+
+def tokenizer_model_file(path: str) -> str:
+  """A tokenizer's model file: `path`, or the tokenizer.json (else tokenizer.model) in a
+  directory `path`; a directory with neither stays as it is."""
+  if epath.Path(path).is_dir():
+    for name in (HF_TOKENIZER, TOKENIZER):
+      if join(path, name).is_file():
+        return os.path.join(path, name)
+  return path
 
 
 KIND_COMMANDS = {"pretraining": "lmjax train", "finetune": "lmjax finetune",

@@ -138,16 +138,16 @@ def test_validation_documents_are_fixed_and_about_the_fraction():
 # --- tokenizer -----------------------------------------------------------------------------------
 
 def test_tokenizer_round_trips_code(trained_tokenizer):
-  sp = tokenizer.load_tokenizer(trained_tokenizer)
-  assert sp.get_piece_size() == 400
-  assert (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2, 3)
+  t = tokenizer.load_tokenizer(trained_tokenizer)
+  assert t.vocab_size == 400 and (t.pad_id, t.bos_id, t.eos_id) == (0, 2, 3)
+  assert t.id_to_token(1) == "<unk>" and t.token_id("\n") == 4
   texts = ["def f(x):\n\tif x:\n        return  1234 \n\n\n  # ünïcode 😀\r\n", "  leading\n",
            "trailing  ", "\n\n"]
   with open(sources.pystdlib_files()[0], encoding="utf-8") as f:
     texts.append(f.read())
   for text in texts:
-    assert sp.decode(sp.encode(text)) == text
-  assert "\n" in sp.encode("a\nb", out_type=str)
+    assert t.decode(t.encode([text])[0]) == text
+  assert 4 in t.encode(["a\nb"])[0]
 
 
 def test_training_chunks_keep_text_and_bound_length():
@@ -195,7 +195,7 @@ def test_prepare_index_counts(prepared, corpus, trained_tokenizer):
     split_docs = [d for i, d in enumerate(docs)
                   if sources.is_validation_document(i, 0.1) == (split == "val")]
     stats = index["splits"][split]
-    expected = np.concatenate([sp.encode(d) + [3] for d in split_docs])
+    expected = np.concatenate([ids + [3] for ids in sp.encode(split_docs)])
     np.testing.assert_array_equal(all_tokens(cfg, workdir, index, split), expected)
     assert stats["tokens"] == len(expected) == sum(s["tokens"] for s in stats["shards"])
     assert stats["documents"] == len(split_docs)

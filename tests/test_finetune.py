@@ -321,8 +321,7 @@ def test_packed_examples_do_not_see_each_other():
                                                         "train.objective=masked_lm")))
 
   class Tokenizer:  # a stand-in: ids are given
-    def eos_id(self):
-      return 3
+    eos_id = 3
 
     def encode(self, texts):
       return [[int(t) for t in text.split()] for text in texts]
@@ -342,11 +341,14 @@ def test_packed_examples_do_not_see_each_other():
 
 
 def test_data_formats():
-  segments = tasks.sft_segments({"messages": [
+  class Tokenizer:  # no chat template: lmjax's plain format
+    chat_template = ""
+
+  segments, eos_after_response = tasks.sft_segments({"messages": [
       {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
       {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
-      {"role": "assistant", "content": "Bye!"}]}, "x:1")
-  assert segments == [("system: Be brief.\n", False), ("user: Hi\n", False),
+      {"role": "assistant", "content": "Bye!"}]}, "x:1", Tokenizer())
+  assert eos_after_response and segments == [("system: Be brief.\n", False), ("user: Hi\n", False),
                       ("assistant: ", False), ("Hello", True), ("user: Bye\n", False),
                       ("assistant: ", False), ("Bye!", True)]
   assert tasks.best_fit([5, 3, 8, 2, 9, 1], 10) == [[4, 5], [2, 3], [0, 1]]

@@ -319,6 +319,74 @@ def test_tokenizer_travels_and_greedy_decoding_matches_hf(models, tmp_path, caps
           (with_tok / "tokenizer.model").read_bytes())
 
 
+def test_hf_tokenizer_travels_and_generate_takes_text(tmp_path, capsys):
+  """A GPT-2 with a byte-level BPE tokenizer.json and a chat template: `lmjax convert` carries
+  them; `generate` (plain and --chat) matches transformers' greedy text; SFT fine-tunes on the
+  template's conversations; export writes the tokenizer back."""
+  from test_tokenizers import CONVERSATION, chat_tokenizer, train_byte_bpe
+
+  from lmjax import finetune as ft
+  from lmjax import generate as generate_lib
+  from lmjax.data import tasks
+  hf_dir = chat_tokenizer(train_byte_bpe(tmp_path / "tok"), tmp_path / "hf")
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  torch.manual_seed(4)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=64,
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.1)
+  save(model, hf_dir)
+  run = tmp_path / "run"
+  assert commands.run(["convert", f"--from_hf={hf_dir}", f"--workdir={run}"]) == 0
+  assert "data/tokenizer.json" in capsys.readouterr().out
+  cfg = workdir_lib.load_config(str(run))
+  assert cfg.data.tokenizer == str(run / "data" / "tokenizer.json")
+  assert sorted(os.listdir(run / "data")) == ["chat_template.jinja", "tokenizer.json",
+                                              "tokenizer_config.json"]
+
+  def hf_greedy(ids):
+    with torch.no_grad():
+      out = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+
+  prompt = "def f(x):\n"
+  (ours,) = generate_lib.generate_text(str(run), [prompt], max_new_tokens=10)
+  assert ours == hf_greedy(tok(prompt)["input_ids"])
+  (ours,) = generate_lib.generate_text(str(run), ["Hi"], max_new_tokens=10, chat=True)
+  chat_ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], return_dict=True,
+                                     add_generation_prompt=True)["input_ids"]
+  assert ours == hf_greedy(list(chat_ids))
+  assert commands.run(["generate", f"--workdir={run}", "--prompt=Hi", "--chat",
+                       "--max_new_tokens=10"]) == 0
+  assert ours in capsys.readouterr().out
+
+  # SFT on the converted run reads the template's conversations
+  data = tmp_path / "sft.jsonl"
+  data.write_text("\n".join(json.dumps({"messages": CONVERSATION}) for _ in range(8)))
+  out = str(tmp_path / "ft")
+  ft_cfg = ft.resolve_config("configs/finetune.py:sft", out, str(run), [
+      "data.seq_len=64", "train.batch_size=2", "train.steps=2", "train.eval_every=2",
+      f"finetune.data={data}"])
+  task_data = tasks.load_task_data(ft_cfg)
+  rows, examples = task_data.train, task_data.stats["train"]["examples"]
+  assert task_data.stats["train"]["truncated"] == 0 and examples == 7
+  assert tok.decode(rows["targets"][rows["weights"] > 0]) == (
+      "Hello<|im_end|>\nBye!<|im_end|>\n" * examples)
+  assert np.isfinite(ft.finetune(ft_cfg, out, progress=False)["val"]["loss"])
+
+  written = hf.export_hf(str(run), str(tmp_path / "out"))
+  assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(written)
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
+  again = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+  assert again(prompt)["input_ids"] == tok(prompt)["input_ids"]
+  assert again.apply_chat_template(CONVERSATION, tokenize=False) == tok.apply_chat_template(
+      CONVERSATION, tokenize=False)
+
+
 def test_train_continues_from_the_import(models, tmp_path, capsys):
   _, hf_dir = models.hf("gpt2")
   workdir = str(tmp_path / "run")

@@ -201,13 +201,13 @@ def test_mask_token_id_from_the_tokenizer(tmp_path):
   from lmjax import data as data_lib
   path = data_lib.resolve_tokenizer(mlm, str(tmp_path / "mlm"))
   sp = data_lib.load_tokenizer(path)
-  assert sp.id_to_piece(5) == "[MASK]" and sp.id_to_piece(4) == "\n"
+  assert sp.id_to_token(5) == "[MASK]" and sp.id_to_token(4) == "\n"
   assert data_lib.masking_for(mlm, str(tmp_path / "mlm")) == masking_lib.Masking(
       mask_id=5, random_vocab=300)
   # a causal run's tokenizer: no [MASK] piece; the model's vocabulary has room above its 300 ids
   causal = tiny_config(*common)
   path = data_lib.resolve_tokenizer(causal, str(tmp_path / "causal"))
-  assert data_lib.load_tokenizer(path).id_to_piece(5) != "[MASK]"
+  assert data_lib.load_tokenizer(path).id_to_token(5) != "[MASK]"
   reuse = tiny_config(*MLM, *common, f"data.tokenizer={path}")
   assert data_lib.masking_for(reuse, None).mask_id == 300
   full = tiny_config(*MLM, *common, f"data.tokenizer={path}", "model.vocab_size=300")

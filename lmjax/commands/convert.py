@@ -40,8 +40,8 @@ def run(args, overrides) -> int:
     if cfg.data.tokenizer:
       print(f"  {cfg.data.tokenizer} (data.tokenizer; data.source={cfg.data.source})")
     else:
-      print("  No SentencePiece tokenizer.model in the HF directory: the run uses synthetic data. "
-            "Set --config.data.tokenizer=PATH.model and --config.data.source=... to use text.")
+      print("  No tokenizer.json or tokenizer.model in the HF directory: the run uses synthetic "
+            "data. Set --config.data.tokenizer=PATH and --config.data.source=... to use text.")
     return 0
   written = hf.export_hf(args.workdir, args.to_hf, args.step)
   print(f"Exported step {written.pop('step')} of {args.workdir} to {args.to_hf}:")

@@ -1,4 +1,5 @@
-"""lmjax generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...]: sample continuations."""
+"""lmjax generate --workdir=DIR --prompt=TEXT [--prompt=TEXT ...] [--chat]: sample continuations
+(or, with --chat, replies to each prompt as a user message)."""
 from __future__ import annotations
 
 from lmjax.commands import common
@@ -16,6 +17,8 @@ def add_arguments(p) -> None:
   p.add_argument("--top_k", type=common.at_least(0), default=0)
   p.add_argument("--top_p", type=common.at_least(0.0, float), default=1.0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--chat", action="store_true",
+                 help="each prompt is a user message; reply through the tokenizer's chat template")
 
 
 def run(args, overrides) -> int:
@@ -26,7 +29,7 @@ def run(args, overrides) -> int:
   texts = generate.generate_text(
       args.workdir, args.prompt, step=args.step, overrides=overrides,
       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-      top_p=args.top_p, seed=args.seed)
+      top_p=args.top_p, seed=args.seed, chat=args.chat)
   for prompt, text in zip(args.prompt, texts):
-    print(f"=== {prompt!r}\n{prompt}{text}\n")
+    print(f"=== {prompt!r}\n{text if args.chat else prompt + text}\n")
   return 0

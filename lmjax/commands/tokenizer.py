@@ -8,8 +8,9 @@ HELP = "tokenizer tools"
 
 def add_arguments(p) -> None:
   sub = p.add_subparsers(dest="tokenizer_command", required=True)
-  add_config_flags(sub.add_parser("train", help="train a SentencePiece tokenizer on the config's "
-                                  "corpus; prints its path"))
+  add_config_flags(sub.add_parser("train", help="train the config's tokenizer on its corpus "
+                                  "(SentencePiece, or data.tokenizer_type=byte_bpe); prints "
+                                  "its path"))
 
 
 def run(args, overrides) -> int:

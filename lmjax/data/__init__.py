@@ -12,10 +12,10 @@ from etils import epath
 from lmjax.data.prepare import index_path, is_prepared, prepare, prepare_once, read_index
 from lmjax.data.sources import iter_documents
 from lmjax.data.synthetic import SyntheticIterator
-from lmjax.data.tokenizer import (check_vocab, file_sha256, load_tokenizer, masking_for,
-                                  resolve_tokenizer, token_bytes, train_tokenizer)
+from lmjax.data.tokenizer import (Tokenizer, check_vocab, file_sha256, load_tokenizer,
+                                  masking_for, resolve_tokenizer, token_bytes, train_tokenizer)
 
-__all__ = ["SyntheticIterator", "check_vocab", "file_sha256", "is_prepared",
+__all__ = ["SyntheticIterator", "Tokenizer", "check_vocab", "file_sha256", "is_prepared",
            "iter_documents", "load_tokenizer", "make_iterator", "masking_for", "prepare", "prepare_once",
            "read_index", "resolve_tokenizer", "token_bytes", "train_tokenizer"]
 

@@ -1,7 +1,8 @@
 """prepare: corpus -> tokenizer -> token shards, so that training only reads memory-mapped ids.
 
 <prepared_dir> (data.prepared_dir, default WORKDIR/data) holds
-  tokenizer.model/.vocab     trained here unless data.tokenizer names one
+  tokenizer.model/.vocab     trained here unless data.tokenizer names one (byte_bpe:
+                             tokenizer.json, tokenizer_config.json)
   train_00000.bin, ...       raw token ids (uint16; uint32 for vocabularies over 65536), the
   val_00000.bin, ...         documents of a split in order, each followed by one eos
   progress.json              the shards finished so far, while preparing
@@ -28,13 +29,13 @@ from typing import Iterator
 from etils import epath
 import jax
 import numpy as np
-import sentencepiece as spm
 import tqdm
 
 from lmjax import distributed
 from lmjax import workdir as workdir_lib
-from lmjax.data.sources import is_validation_document, iter_documents, text_files
-from lmjax.data.tokenizer import check_vocab, file_sha256, load_tokenizer, resolve_tokenizer
+from lmjax.data.sources import is_validation_document, iter_documents, source_files
+from lmjax.data.tokenizer import (Tokenizer, check_vocab, load_tokenizer, resolve_tokenizer,
+                                  tokenizer_sha256)
 from lmjax.errors import ConfigError, DataError, LmjaxError
 
 SPLITS = ("train", "val")
@@ -47,10 +48,10 @@ def fingerprint(cfg, tokenizer_path: str) -> dict:
   data = cfg.data
   kind = data.source.partition(":")[0]
   return {"source": data.source,
-          "text_field": data.text_field if kind in ("text", "tfds") else "",
+          "text_field": data.text_field if kind in ("text", "tfds", "parquet", "arrow") else "",
           "tfds_split": data.tfds_split if kind == "tfds" else "",
           "max_bytes": data.max_bytes, "val_fraction": data.val_fraction,
-          "tokenizer_sha256": file_sha256(tokenizer_path),
+          "tokenizer_sha256": tokenizer_sha256(tokenizer_path),
           # the built-in corpus is whatever Python runs this
           "python": platform.python_version() if data.source == "pystdlib" else "",
           "files": _files_digest(data.source)}
@@ -59,10 +60,9 @@ def fingerprint(cfg, tokenizer_path: str) -> dict:
 def _files_digest(source: str) -> str:
   """The files a text: glob matches now (names, and sizes of local ones), as a short digest:
   a file added, removed or changed in size under the same glob makes other data."""
-  kind, _, pattern = source.partition(":")
-  if kind != "text" or not pattern:
+  paths = source_files(source)
+  if not paths:
     return ""
-  paths = text_files(pattern)
   listing = [[p] if "://" in p else [p, os.path.getsize(p)] for p in paths]
   digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
   return f"{len(paths)} files (sha256 {digest})"
@@ -166,26 +166,28 @@ def _finished_shards(out_dir: str, expected: dict, shard_tokens: int, dtype: str
   return done
 
 
-# Tokenization runs in worker processes, each holding its own SentencePiece processor.
-_processor: spm.SentencePieceProcessor | None = None
+# Tokenization runs in worker processes, each holding its own copy of the tokenizer.
+_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(model_proto: bytes) -> None:
-  global _processor
-  _processor = spm.SentencePieceProcessor(model_proto=model_proto)
+def _init_worker(tokenizer: Tokenizer) -> None:
+  global _tokenizer
+  _tokenizer = tokenizer
 
 
 def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
-  eos = _eos_id(_processor)
-  return [np.array(ids + [eos], dtype) for ids in _processor.encode(texts, num_threads=1)]
+  eos = _eos_id(_tokenizer)
+  return [np.array(list(ids) + [eos], dtype) for ids in _tokenizer.encode(texts)]
 
 
-def _eos_id(processor: spm.SentencePieceProcessor) -> int:
+def _eos_id(tokenizer: Tokenizer) -> int:
   """The tokenizer's own eos (a given tokenizer, e.g. Llama's, may number it differently)."""
-  eos = processor.eos_id()
+  eos = tokenizer.eos_id
   if eos < 0:
-    raise DataError("The tokenizer has no eos piece, which lmjax puts between documents. Train one "
-                    "with `lmjax tokenizer train` or give a SentencePiece model that has eos.")
+    raise DataError(f"The tokenizer {tokenizer.path} has no eos token, which lmjax puts between "
+                    "documents. Train one with `lmjax tokenizer train`, give a SentencePiece model "
+                    "that has eos, or name it as eos_token in the tokenizer_config.json beside "
+                    "a tokenizer.json.")
   return eos
 
 
@@ -208,17 +210,17 @@ def _tasks(docs, val_fraction: float, resume_from: dict) -> Iterator[tuple[list,
     yield meta, texts
 
 
-def _encoded(tasks, model_proto: bytes, dtype: str, num_workers: int):
+def _encoded(tasks, tokenizer: Tokenizer, dtype: str, num_workers: int):
   """(meta, token arrays) per task, in order, with a bounded number of tasks in flight."""
   if num_workers <= 1:  # no process start-up for small jobs
-    _init_worker(model_proto)
+    _init_worker(tokenizer)
     for meta, texts in tasks:
       yield meta, _encode(texts, dtype)
     return
   # spawn, not fork: forking a process whose JAX threads run can deadlock. An executor, not a Pool:
   # workers that cannot start (a script without `if __name__ == "__main__":`) fail, not hang.
   with futures.ProcessPoolExecutor(num_workers, multiprocessing.get_context("spawn"),
-                                   _init_worker, (model_proto,)) as pool:
+                                   _init_worker, (tokenizer,)) as pool:
     in_flight = collections.deque()
     try:
       for meta, texts in tasks:
@@ -273,16 +275,16 @@ def _prepare(cfg, workdir: str) -> dict:
   out_dir = workdir_lib.prepared_dir(cfg, workdir)
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   tokenizer_path = resolve_tokenizer(cfg, workdir)
-  processor = load_tokenizer(tokenizer_path)
-  check_vocab(cfg, processor)
-  eos_id = _eos_id(processor)
+  tokenizer = load_tokenizer(tokenizer_path)
+  check_vocab(cfg, tokenizer)
+  eos_id = _eos_id(tokenizer)
   expected = fingerprint(cfg, tokenizer_path)
   index = _read_json(os.path.join(out_dir, workdir_lib.INDEX))
   if index is not None:
     _check_same_data(index, expected, out_dir)
     return index  # already prepared
 
-  vocab_size = processor.get_piece_size()
+  vocab_size = tokenizer.vocab_size
   dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
   shard_tokens = cfg.data.shard_tokens
   done = _finished_shards(out_dir, expected, shard_tokens, dtype)
@@ -299,8 +301,7 @@ def _prepare(cfg, workdir: str) -> dict:
                  {split: writer.resume_from for split, writer in writers.items()})
   with tqdm.tqdm(total=cfg.data.max_bytes or None, unit="B", unit_scale=True,
                  desc=f"prepare {cfg.data.source}") as bar:
-    for meta, token_arrays in _encoded(tasks, processor.serialized_model_proto(), dtype,
-                                       num_workers):
+    for meta, token_arrays in _encoded(tasks, tokenizer, dtype, num_workers):
       arrays = iter(token_arrays)
       for doc_index, split, num_bytes in meta:
         if split is not None:
@@ -328,7 +329,7 @@ def shards_fingerprint(cfg, workdir: str) -> str:
   index = read_index(cfg, workdir)
   tokenizer = workdir_lib.tokenizer_path(cfg, workdir)
   recorded = index["fingerprint"]["tokenizer_sha256"]
-  if not epath.Path(tokenizer).is_file() or file_sha256(tokenizer) != recorded:
+  if not epath.Path(tokenizer).is_file() or tokenizer_sha256(tokenizer) != recorded:
     raise DataError(f"The tokenizer '{tokenizer}' is missing or is not the one the data in "
                     f"'{index_path(cfg, workdir)}' was prepared with (sha256 {recorded[:12]}...). "
                     "Every host must see the same workdir; re-prepare it in a fresh one.")

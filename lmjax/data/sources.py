@@ -4,6 +4,11 @@ built from them (tokenizer, shards, the validation split) is reproducible.
   text:GLOB   files, sorted by path, local or in a bucket (text:gs://B/corpus/*.jsonl.gz): .txt (a
               file is a document), .jsonl (a line is a document, its field `data.text_field`), and
               both gzipped (.txt.gz, .jsonl.gz)
+  parquet:GLOB  Parquet files, sorted by path (local or in a bucket): a row is a document, its
+              column `data.text_field`, read a row group's batch at a time (needs pyarrow)
+  arrow:PATH  a Hugging Face dataset saved with `datasets.save_to_disk` (PATH its directory; a
+              DatasetDict's split is PATH/SPLIT), or Arrow files (a glob of .arrow files, stream
+              or file format), read one record batch at a time from a memory map (needs pyarrow)
   pystdlib    the running Python's standard library .py files, its test suite included and
               site-packages excluded (~30 MB, everywhere Python is; files that are not UTF-8 skipped)
   tfds:NAME   a TFDS dataset already built in `data.tfds_data_dir` (optional extra; never downloads)
@@ -27,6 +32,7 @@ from etils import epath
 from lmjax.errors import ConfigError, DataError
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+TABLE_KINDS = {"parquet": ".parquet", "arrow": ".arrow"}  # source kind -> file suffix
 
 
 def iter_documents(cfg) -> Iterator[str]:
@@ -39,9 +45,11 @@ def iter_documents(cfg) -> Iterator[str]:
     docs = text_documents(text_files(arg), data.text_field)
   elif kind == "tfds" and arg:
     docs = tfds_documents(arg, data.tfds_data_dir, data.tfds_split, data.text_field)
+  elif kind in TABLE_KINDS and arg:
+    docs = table_documents(table_files(kind, arg), data.text_field)
   else:
     raise ConfigError(f"data.source='{data.source}' has no documents. Use pystdlib, text:GLOB "
-                      f"(.txt/.jsonl[.gz] files) or tfds:NAME.")
+                      f"(.txt/.jsonl[.gz] files), parquet:GLOB, arrow:PATH or tfds:NAME.")
   return cap_bytes(docs, data.max_bytes) if data.max_bytes > 0 else docs
 
 
@@ -66,7 +74,7 @@ def cap_bytes(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
     yield doc
 
 
-def _bucket_glob(pattern: str) -> list[str]:
+def _bucket_glob(pattern: str, suffixes=TEXT_SUFFIXES) -> list[str]:
   """Files matching a gs://... glob, through etils.epath (one listing per directory level with a
   wildcard; `**` is not supported there)."""
   parts = pattern.split("/")
@@ -77,23 +85,113 @@ def _bucket_glob(pattern: str) -> list[str]:
   base, rest = "/".join(parts[:first]), "/".join(parts[first:])
   if not rest:
     return [pattern] if epath.Path(pattern).is_file() else []
-  return [os.fspath(p) for p in epath.Path(base).glob(rest) if p.name.endswith(TEXT_SUFFIXES)]
+  return [os.fspath(p) for p in epath.Path(base).glob(rest) if p.name.endswith(suffixes)]
 
 
-def text_files(pattern: str) -> list[str]:
+def _glob(kind: str, pattern: str, suffixes: tuple[str, ...]) -> list[str]:
+  """The files of a `kind:GLOB` source, sorted, all of a supported kind."""
   if "://" in pattern:
-    paths = sorted(_bucket_glob(pattern))
+    paths = sorted(_bucket_glob(pattern, suffixes))
   else:
     paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                    if os.path.isfile(p))
   if not paths:
-    raise DataError(f"data.source='text:{pattern}' matches no files. Check the path; quote the "
+    raise DataError(f"data.source='{kind}:{pattern}' matches no files. Check the path; quote the "
                     f"glob on the command line so the shell does not expand it.")
-  unsupported = [p for p in paths if not p.endswith(TEXT_SUFFIXES)]
+  unsupported = [p for p in paths if not p.endswith(suffixes)]
   if unsupported:
-    raise DataError(f"data.source='text:{pattern}' matches files of an unknown kind, e.g. "
-                    f"'{unsupported[0]}'. Supported: {', '.join(TEXT_SUFFIXES)}; narrow the glob.")
+    raise DataError(f"data.source='{kind}:{pattern}' matches files of an unknown kind, e.g. "
+                    f"'{unsupported[0]}'. Supported: {', '.join(suffixes)}; narrow the glob.")
   return paths
+
+
+def text_files(pattern: str) -> list[str]:
+  return _glob("text", pattern, TEXT_SUFFIXES)
+
+
+def source_files(source: str) -> list[str]:
+  """The files a text:, parquet: or arrow: source reads, in order ([] for other sources)."""
+  kind, _, arg = source.partition(":")
+  if kind == "text" and arg:
+    return text_files(arg)
+  if kind in TABLE_KINDS and arg:
+    return table_files(kind, arg)
+  return []
+
+
+def table_files(kind: str, pattern: str) -> list[str]:
+  """parquet: the files of the glob. arrow: a save_to_disk directory's data files in its order
+  (state.json), or the .arrow files of a glob."""
+  if kind == "arrow" and epath.Path(pattern).is_dir():
+    directory = epath.Path(pattern)
+    if (directory / "dataset_dict.json").is_file():
+      splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
+      raise DataError(f"data.source='arrow:{pattern}' is a DatasetDict with splits {splits}: "
+                      f"name one, e.g. arrow:{os.path.join(pattern, (splits or ['train'])[0])}.")
+    if not (directory / "state.json").is_file():
+      raise DataError(f"data.source='arrow:{pattern}' is a directory without the state.json of "
+                      "`datasets.save_to_disk`. Point it at a saved dataset, or at .arrow files "
+                      "(arrow:DIR/*.arrow).")
+    state = json.loads((directory / "state.json").read_text())
+    return [os.fspath(directory / f["filename"]) for f in state.get("_data_files", [])]
+  return _glob(kind, pattern, (TABLE_KINDS[kind],))
+
+
+def _arrow_batches(path: str, columns: list[str]):
+  """(schema, iterator of record batches) of a Parquet or Arrow file, read incrementally."""
+  try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise DataError(f"Reading '{path}' needs pyarrow, which is not installed: pip install -e "
+                    "\".[data]\" (or pip install pyarrow).") from None
+  try:
+    if path.endswith(".parquet"):
+      f = pq.ParquetFile(epath.Path(path).open("rb") if "://" in path else path)
+      schema = f.schema_arrow
+      missing = [c for c in columns if c not in schema.names]
+      return schema, (iter(()) if missing else f.iter_batches(batch_size=1024,
+                                                             columns=columns or None))
+    source = pa.PythonFile(epath.Path(path).open("rb")) if "://" in path else pa.memory_map(path)
+    try:
+      reader = pa.ipc.open_file(source)
+      return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except pa.ArrowInvalid:  # not the file format: the stream format (what datasets writes)
+      source.seek(0)
+      reader = pa.ipc.open_stream(source)
+      return reader.schema, iter(reader)
+  except (OSError, pa.ArrowException) as e:
+    raise DataError(f"Cannot read '{path}' as {'Parquet' if path.endswith('.parquet') else 'Arrow'}"
+                    f" ({e}). The file is damaged or of another format: fix or remove it.") from None
+
+
+def table_records(path: str, columns: list[str] | None = None) -> Iterator[dict]:
+  """The rows of a Parquet or Arrow file as dicts (of `columns`, all if None), a batch at a time."""
+  import pyarrow as pa
+  schema, batches = _arrow_batches(path, columns or [])
+  columns = columns or list(schema.names)
+  missing = [c for c in columns if c not in schema.names]
+  if missing:
+    raise DataError(f"'{path}' has no column '{missing[0]}' (it has {list(schema.names)}). Set "
+                    f"--config.data.text_field=NAME to the column that holds the text.")
+  try:
+    for batch in batches:
+      yield from batch.select(columns).to_pylist()
+  except (OSError, pa.ArrowException) as e:
+    raise DataError(f"Cannot read '{path}' ({e}): the file is damaged or truncated. Fix or remove "
+                    "it from data.source.") from None
+
+
+def table_documents(paths: list[str], text_field: str) -> Iterator[str]:
+  for path in paths:
+    for row, record in enumerate(table_records(path, [text_field])):
+      text = record[text_field]
+      if text is None:
+        continue  # a null: no document
+      if not isinstance(text, str):
+        raise DataError(f"{path}, row {row}: column '{text_field}' is {type(text).__name__}, not "
+                        "a string. Set data.text_field to a text column.")
+      yield text
 
 
 def text_documents(paths: list[str], text_field: str) -> Iterator[str]:

@@ -1,9 +1,11 @@
-"""Fine-tuning data: jsonl examples -> fixed rows of data.seq_len, held in memory.
+"""Fine-tuning data: examples (.jsonl, .parquet or an Arrow dataset; a record a line or row) ->
+fixed rows of data.seq_len, held in memory.
 
   sft             {"prompt": str, "response": str}, or {"messages": [{"role": str, "content": str},
-                  ...]}. Tokens: prompt, response, eos; a conversation is "ROLE: CONTENT\\n" for
-                  each message, except that assistant turns are "assistant: " CONTENT eos. The loss
-                  is on response (assistant) tokens and their eos only. Examples are packed into
+                  ...]}. Tokens: prompt, response, eos; a conversation is written by the
+                  tokenizer's chat template (data/chat.py), else "ROLE: CONTENT\\n" for each
+                  message, except that assistant turns are "assistant: " CONTENT eos. The loss
+                  is on response (assistant) tokens (the template's end of turn, or eos) only. Examples are packed into
                   rows of data.seq_len (best-fit decreasing); each keeps its own positions (from 0)
                   and attends only within itself (segment ids), so packing changes no example's
                   loss. Tokens past seq_len + 1 are cut.
@@ -22,8 +24,23 @@ import json
 import numpy as np
 from etils import epath
 
+from lmjax.data import chat, sources
 from lmjax.data.tokenizer import load_tokenizer
 from lmjax.errors import ConfigError, DataError
+
+
+def read_records(path: str) -> list[tuple[str, dict]]:
+  """finetune.data's examples as [(where, record)], where names the file and line or row for
+  error messages: a .jsonl file, a .parquet file, or an Arrow dataset (a `datasets.save_to_disk`
+  directory or an .arrow file), the tables read a record batch at a time."""
+  if path.endswith(".parquet") or path.endswith(".arrow") or epath.Path(path).is_dir():
+    files = [path] if path.endswith(".parquet") else sources.table_files("arrow", path)
+    records = [(f"{f}, row {row}", record) for f in files
+               for row, record in enumerate(sources.table_records(f))]
+    if not records:
+      raise DataError(f"finetune.data={path} holds no examples.")
+    return records
+  return read_jsonl(path)
 
 
 def read_jsonl(path: str) -> list[tuple[str, dict]]:
@@ -47,37 +64,23 @@ def read_jsonl(path: str) -> list[tuple[str, dict]]:
   return records
 
 
-def sft_segments(record: dict, where: str) -> list[tuple[str, bool]]:
-  """An SFT example as (text, is_response) pieces; every response piece is followed by eos."""
+def sft_segments(record: dict, where: str, tokenizer) -> tuple[list[tuple[str, bool]], bool]:
+  """An SFT example as (text, is_response) pieces, and whether eos follows every response piece
+  (not where the tokenizer's chat template ends the turn itself)."""
   if "messages" in record:
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-      raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", "
-                      "\"content\"}} objects.")
-    pieces = []
-    for m in messages:
-      if not (isinstance(m, dict) and isinstance(m.get("role"), str) and
-              isinstance(m.get("content"), str)):
-        raise DataError(f"{where}: every message needs \"role\" and \"content\" strings; got "
-                        f"{json.dumps(m)[:80]}.")
-      if m["role"] == "assistant":
-        pieces += [("assistant: ", False), (m["content"], True)]
-      else:
-        pieces.append((f"{m['role']}: {m['content']}\n", False))
-    if not any(is_response for _, is_response in pieces):
-      raise DataError(f"{where}: the conversation has no assistant message to learn.")
-    return pieces
+    return chat.pieces(tokenizer, record["messages"], where), not tokenizer.chat_template
   if isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-    return [(record["prompt"], False), (record["response"], True)]
+    return [(record["prompt"], False), (record["response"], True)], True
   raise DataError(f"{where}: an SFT example needs \"prompt\" and \"response\" strings, or "
                   "\"messages\": [{\"role\": ..., \"content\": ...}, ...]; this one has keys "
                   f"{sorted(record)}.")
 
 
-def sft_tokens(pieces: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[bool]]:
+def sft_tokens(pieces: list[tuple[str, bool]], tokenizer,
+               eos_after_response: bool = True) -> tuple[list[int], list[bool]]:
   ids, is_target = [], []
   for (text, response), piece_ids in zip(pieces, tokenizer.encode([t for t, _ in pieces])):
-    piece_ids = list(piece_ids) + ([tokenizer.eos_id()] if response else [])
+    piece_ids = list(piece_ids) + ([tokenizer.eos_id] if response and eos_after_response else [])
     ids += piece_ids
     is_target += [response] * len(piece_ids)
   return ids, is_target
@@ -161,7 +164,7 @@ def classification_labels(records, num_classes: int) -> tuple[list[int], list[st
 def encode_classification(texts: list[str], tokenizer, seq_len: int) -> dict:
   """Rows {inputs, positions, segments (1 = token, 0 = pad)} [N, T] of text + eos, and
   "truncated" [N] (bool: the text was cut to fit)."""
-  eos = tokenizer.eos_id()
+  eos = tokenizer.eos_id
   rows = {"inputs": np.zeros((len(texts), seq_len), np.int32),
           "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
                                        (len(texts), seq_len)).copy(),
@@ -196,13 +199,16 @@ class TaskData:
 def load_task_data(cfg) -> TaskData:
   f = cfg.finetune
   tokenizer = load_tokenizer(cfg.data.tokenizer)
-  records = read_jsonl(f.data)
+  records = read_records(f.data)
   train_idx, val_idx = split_indices(len(records), f.val_fraction, cfg.train.seed)
   if f.task == "sft":
-    if tokenizer.eos_id() < 0:
+    if tokenizer.eos_id < 0:
       raise DataError(f"The tokenizer {cfg.data.tokenizer} has no eos piece, which SFT appends "
                       "to every response (to know when to stop).")
-    examples = [sft_tokens(sft_segments(record, where), tokenizer) for where, record in records]
+    examples = []
+    for where, record in records:
+      pieces, eos_after_response = sft_segments(record, where, tokenizer)
+      examples.append(sft_tokens(pieces, tokenizer, eos_after_response))
     train, stats = pack_sft([examples[i] for i in train_idx], cfg.data.seq_len)
     val, val_stats = pack_sft([examples[i] for i in val_idx], cfg.data.seq_len) if len(
         val_idx) else (None, {})

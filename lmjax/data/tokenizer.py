@@ -1,29 +1,43 @@
-"""SentencePiece tokenizers: train one on a sample of the corpus, load, resolve, check against the model.
+"""Tokenizers for a run: train one on a sample of the corpus, resolve the run's, check it against
+the model; the mask and eos ids the objectives take from it. Loading (SentencePiece .model or
+Hugging Face tokenizer.json, one `Tokenizer` interface) is tokenizer_files.py's.
+
+  data.tokenizer   a SentencePiece .model, a tokenizer.json (read with the `tokenizers` library;
+                   bos/eos/pad and the chat template from the tokenizer_config.json beside it), or
+                   a directory holding either; "" = train one into the prepared dir
+  trained          data.tokenizer_type=bpe|unigram: SentencePiece, tokenizer.model;
+                   byte_bpe: a byte-level BPE (GPT-2's kind) with `tokenizers`, tokenizer.json +
+                   tokenizer_config.json, which transformers' AutoTokenizer loads as it is
 
 Trained tokenizers are lossless for code and prose alike: `decode(encode(text)) == text`. Text is not
-normalized (identity rule, whitespace kept), runs of spaces can be single pieces (indentation), "\\n"
-is a piece of its own, digits are split, and anything unseen falls back to its UTF-8 bytes.
-Special ids: pad 0, unk 1, bos 2, eos 3 (documents are separated by eos); "\\n" is 4, and tokenizers
-trained for masked LM (train.objective=masked_lm) have "[MASK]" at 5.
+normalized, whitespace is kept, digits are split, and anything unseen falls back to its UTF-8 bytes
+(SentencePiece: identity rule, runs of spaces as pieces, "\\n" a piece, byte fallback; byte_bpe:
+bytes are its alphabet). Special ids of trained SentencePiece models: pad 0, unk 1, bos 2, eos 3
+(documents are separated by eos), "\\n" 4; byte_bpe: "<|pad|>" 0, "<|endoftext|>" 1 (bos and eos).
+Tokenizers trained for masked LM (train.objective=masked_lm) have "[MASK]" right after those.
 """
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import tempfile
 from typing import Iterable, Iterator
 
 from etils import epath
-import numpy as np
 import sentencepiece as spm
 
 from lmjax import workdir as workdir_lib
 from lmjax.data.sources import is_validation_document, iter_documents
+from lmjax.data.tokenizer_files import (HF_TOKENIZER, HF_TOKENIZER_CONFIG, Tokenizer,  # noqa: F401
+                                        file_sha256, hf_tokenizer_files, is_hf_tokenizer,
+                                        load_tokenizer, token_bytes, tokenizer_file,
+                                        tokenizer_sha256)
 from lmjax.errors import ConfigError, DataError
 from lmjax.masking import Masking
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MASK_PIECE = "[MASK]"  # a user-defined piece of tokenizers trained for masked LM
+BYTE_BPE_SPECIALS = ("<|pad|>", "<|endoftext|>")  # ids 0, 1 of a trained byte_bpe
 # SentencePiece silently skips training "sentences" longer than max_sentence_length bytes; chunks of
 # at most this many characters (<= 4 bytes each) always fit.
 CHUNK_CHARS = 4096
@@ -69,19 +83,64 @@ def tokenizer_sample(cfg) -> Iterator[str]:
 
 
 def train_tokenizer(cfg, out_prefix: str) -> str:
-  """Trains a SentencePiece model on a sample of the corpus; returns `out_prefix + ".model"`."""
+  """Trains a tokenizer of kind data.tokenizer_type on a sample of the corpus; returns its path:
+  `out_prefix + ".model"` (SentencePiece), or out_prefix's directory's tokenizer.json (byte_bpe,
+  with a tokenizer_config.json beside it)."""
   vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
-  masked_lm = cfg.train.objective == "masked_lm"  # "[MASK]" gets id 5, after "\n" (4)
+  masked_lm = cfg.train.objective == "masked_lm"  # "[MASK]" after the special pieces
+  out = epath.Path(workdir_lib.absolute(out_prefix))
+  if cfg.data.tokenizer_type == "byte_bpe":
+    return _train_byte_bpe(cfg, out.parent, vocab_size, masked_lm)
   with tempfile.TemporaryDirectory() as tmp:  # SentencePiece writes local files only
     tmp_prefix = os.path.join(tmp, "tokenizer")
     _train(cfg, tmp_prefix, vocab_size, masked_lm)
-    out = epath.Path(workdir_lib.absolute(out_prefix))
     out.parent.mkdir(parents=True, exist_ok=True)
     for ext in (".model", ".vocab"):  # whole files only: a killed run never leaves a half model
-      partial = out.with_name(out.name + ext + ".tmp")
-      epath.Path(tmp_prefix + ext).copy(partial, overwrite=True)
-      partial.replace(out.with_name(out.name + ext))
+      _write_whole(out.with_name(out.name + ext), epath.Path(tmp_prefix + ext).read_bytes())
   return out_prefix + ".model"
+
+
+def _write_whole(path: epath.Path, data: bytes) -> None:
+  partial = path.with_name(path.name + ".tmp")
+  partial.write_bytes(data)
+  partial.replace(path)
+
+
+def _corpus_error(e: Exception, vocab_size: int) -> DataError:
+  return DataError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size "
+                   f"(now {vocab_size}) or give it more text (data.tokenizer_sample_bytes, "
+                   "data.max_bytes, data.source).")
+
+
+def _train_byte_bpe(cfg, out_dir: epath.Path, vocab_size: int, masked_lm: bool) -> str:
+  """A GPT-2-style byte-level BPE (`tokenizers`): bytes are the alphabet (lossless, no unknown
+  token), GPT-2's pre-tokenizer regex with every digit its own piece, no normalization."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  specials = list(BYTE_BPE_SPECIALS) + ([MASK_PIECE] if masked_lm else [])
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  if vocab_size < 256 + len(specials):
+    raise ConfigError(f"A byte-level BPE needs data.vocab_size >= {256 + len(specials)} (256 "
+                      f"bytes and {len(specials)} special tokens); it is {vocab_size}.")
+  tok.train_from_iterator(training_chunks(tokenizer_sample(cfg)), trainer)
+  pad, eos = BYTE_BPE_SPECIALS
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eos, "eos_token": eos,
+            "pad_token": pad, "unk_token": None, "model_max_length": cfg.model.max_len,
+            "clean_up_tokenization_spaces": False}
+  if masked_lm:
+    config["mask_token"] = MASK_PIECE
+  out_dir.mkdir(parents=True, exist_ok=True)
+  # the config first: tokenizer.json's presence means the tokenizer is complete
+  _write_whole(out_dir / HF_TOKENIZER_CONFIG, json.dumps(config, indent=2).encode())
+  _write_whole(out_dir / HF_TOKENIZER, tok.to_str(pretty=True).encode())
+  return os.fspath(out_dir / HF_TOKENIZER)
 
 
 def _train(cfg, tmp_prefix: str, vocab_size: int, masked_lm: bool) -> None:
@@ -107,70 +166,39 @@ def _train(cfg, tmp_prefix: str, vocab_size: int, masked_lm: bool) -> None:
   except (RuntimeError, DataError) as e:
     if raised:
       raise raised[0] from None
-    raise DataError(f"Training the tokenizer failed: {str(e).rstrip('.')}. Lower data.vocab_size "
-                    f"(now {vocab_size}) or give it more text (data.tokenizer_sample_bytes, "
-                    "data.max_bytes, data.source).") from None
-
-
-def load_tokenizer(path: str) -> spm.SentencePieceProcessor:
-  """A SentencePiece model from a local path or a bucket (gs://...)."""
-  if not epath.Path(path).is_file():
-    raise DataError(f"Tokenizer '{path}' does not exist. Set data.tokenizer to a SentencePiece "
-                    f".model file, or to '' to train one.")
-  try:
-    return spm.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
-  except (OSError, RuntimeError) as e:
-    raise DataError(f"Cannot load the tokenizer {path} ({e}): it is not a SentencePiece .model "
-                    "file, or it is damaged.") from None
-
-
-def token_bytes(sp: spm.SentencePieceProcessor) -> np.ndarray:
-  """UTF-8 bytes of text each token id stands for (int32 [vocab]): a byte-fallback piece is one
-  byte, control and unknown pieces none, "▁" a space. Exact for lmjax's own tokenizers (no
-  normalization, no dummy prefix); for others the text as the tokenizer normalized it."""
-  out = np.zeros(sp.get_piece_size(), np.int32)
-  for i in range(len(out)):
-    if sp.is_byte(i):
-      out[i] = 1
-    elif not (sp.is_control(i) or sp.is_unknown(i)):
-      out[i] = len(sp.id_to_piece(i).replace("▁", " ").encode("utf-8"))
-  return out
+    raise _corpus_error(e, vocab_size) from None
 
 
 def resolve_tokenizer(cfg, workdir: str) -> str:
-  """The tokenizer's path: `data.tokenizer`, else `<prepared_dir>/tokenizer.model` (trained once)."""
+  """The tokenizer's path: `data.tokenizer` (its model file), else `<prepared_dir>/
+  tokenizer.model` (or tokenizer.json for byte_bpe), trained once."""
   if cfg.data.tokenizer:
-    if not epath.Path(cfg.data.tokenizer).is_file():
-      raise DataError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist. Point it at a "
-                      f"SentencePiece .model file, or set it to '' to train one on the corpus.")
-    return cfg.data.tokenizer
+    try:
+      return tokenizer_file(cfg.data.tokenizer)
+    except DataError:
+      raise DataError(f"data.tokenizer='{cfg.data.tokenizer}' does not exist or holds no "
+                      "tokenizer. Point it at a SentencePiece .model file, a Hugging Face "
+                      "tokenizer.json (or its directory), or set it to '' to train one on the "
+                      "corpus.") from None
   path = workdir_lib.tokenizer_path(cfg, workdir)
   if not epath.Path(path).is_file():
-    return train_tokenizer(cfg, path[:-len(".model")])
-  size = load_tokenizer(path).get_piece_size()
-  if cfg.data.vocab_size and size != cfg.data.vocab_size:
+    return train_tokenizer(cfg, path[:-len(".model")] if path.endswith(".model") else path)
+  size = load_tokenizer(path).vocab_size
+  if cfg.data.vocab_size and size != cfg.data.vocab_size and cfg.data.tokenizer_type != "byte_bpe":
     raise ConfigError(f"'{path}' has {size} pieces but data.vocab_size={cfg.data.vocab_size}. Use "
                       f"a new data.prepared_dir (or --workdir) to train another tokenizer, or set "
                       f"data.vocab_size={size}.")
   return path
 
 
-def check_vocab(cfg, sp: spm.SentencePieceProcessor) -> None:
+def check_vocab(cfg, tokenizer: Tokenizer) -> None:
   """The model's embedding must cover every token id (it may be larger, e.g. padded to 128s)."""
-  size = sp.get_piece_size()
+  size = tokenizer.vocab_size
   if cfg.model.vocab_size < size:
     padded = -(-size // 128) * 128
     raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                       f"vocabulary ({size} pieces). Set --config.model.vocab_size={padded} (>= "
                       f"{size}; a multiple of 128 is fastest), or use a smaller tokenizer.")
-
-
-def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with epath.Path(path).open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def eos_for(cfg, workdir: str | None = None) -> int:
@@ -184,8 +212,8 @@ def eos_for(cfg, workdir: str | None = None) -> int:
     raise ConfigError(f"data.packing=documents is for train.objective=causal_lm, not "
                       f"{cfg.train.objective}: set data.packing=none.")
   path = workdir_lib.tokenizer_path(cfg, workdir) if (workdir or cfg.data.tokenizer) else ""
-  if path and epath.Path(path).is_file():
-    eos = load_tokenizer(path).eos_id()
+  if path and epath.Path(path).exists():
+    eos = load_tokenizer(path).eos_id
     if eos < 0:
       raise ConfigError(f"The tokenizer {path} has no eos piece to find documents by: use one "
                         f"with eos (`lmjax tokenizer train` makes one), or data.packing=none.")
@@ -202,14 +230,15 @@ def masking_for(cfg, workdir: str | None = None) -> Masking:
   t, vocab = cfg.train, cfg.model.vocab_size
   explicit = t.mask_token_id if t.mask_token_id >= 0 else None
   path = workdir_lib.tokenizer_path(cfg, workdir) if (workdir or cfg.data.tokenizer) else ""
+  pad_id = PAD_ID
   if cfg.data.source == "synthetic":
     mask_id, random_vocab = vocab - 1, vocab - 1
-  elif path and epath.Path(path).is_file():
-    sp = load_tokenizer(path)
-    size = sp.get_piece_size()
-    piece_id = sp.piece_to_id(MASK_PIECE)
+  elif path and epath.Path(path).exists():
+    tokenizer = load_tokenizer(path)
+    size, pad_id = tokenizer.vocab_size, tokenizer.pad_id  # -1 (none): no token is a pad
+    piece_id = tokenizer.token_id(MASK_PIECE)
     random_vocab = size
-    if sp.id_to_piece(piece_id) == MASK_PIECE:
+    if piece_id >= 0:
       mask_id = piece_id
     elif size < vocab:
       mask_id = size  # an id no text encodes to
@@ -226,4 +255,4 @@ def masking_for(cfg, workdir: str | None = None) -> Masking:
   return Masking(mask_id=explicit if explicit is not None else mask_id,
                  random_vocab=random_vocab, prob=t.mask_prob,
                  mask_fraction=t.mask_token_fraction, random_fraction=t.random_token_fraction,
-                 pad_id=PAD_ID)
+                 pad_id=pad_id)

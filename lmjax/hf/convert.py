@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Sequence
 
 from etils import epath
@@ -42,15 +41,17 @@ def import_hf(hf_dir: str, workdir: str, *, config_overrides: Sequence[str] = ()
 def _import_hf(hf_dir: str, workdir: str, config_overrides: Sequence[str]):
   hf = files.read_hf_config(hf_dir)
   tensor_files = files.tensor_files(hf_dir)
-  sp_model = os.path.join(hf_dir, workdir_lib.TOKENIZER)  # SentencePiece (Llama, Mistral)
-  has_tokenizer = os.path.isfile(sp_model)
+  # tokenizer.json (Hugging Face tokenizers: GPT-2, Llama 3, Qwen), else tokenizer.model
+  # (SentencePiece: Llama 2, Mistral)
+  source = workdir_lib.tokenizer_model_file(hf_dir)
+  has_tokenizer = os.path.isfile(source)
   # the prepared-data dir of the run: its tokenizer, as a run trained on text keeps it
   tokenizer_path = workdir_lib.absolute(os.path.join(workdir, workdir_lib.DATA,
-                                                     workdir_lib.TOKENIZER))
+                                                     os.path.basename(source)))
   cfg = configs.lmjax_config(hf, config_overrides, tokenizer_path if has_tokenizer else "")
   workdir_lib.require_new(workdir)
   if has_tokenizer:
-    tokenizer_lib.check_vocab(cfg, tokenizer_lib.load_tokenizer(sp_model))
+    tokenizer_lib.check_vocab(cfg, tokenizer_lib.load_tokenizer(source))
 
   run = builder.build(cfg, objective("causal_lm"))
   c = cfg.model
@@ -68,8 +69,7 @@ def _import_hf(hf_dir: str, workdir: str, config_overrides: Sequence[str]):
     checkpoints.save_params(0, params)  # params only: training makes its optimizer state
   if jax.process_index() == 0:  # config.json last: its presence means the import completed
     if has_tokenizer:
-      epath.Path(tokenizer_path).parent.mkdir(parents=True, exist_ok=True)
-      epath.Path(sp_model).copy(tokenizer_path, overwrite=True)
+      _copy_tokenizer(source, os.path.dirname(tokenizer_path))
     workdir_lib.write_config(cfg, workdir)
   return cfg
 
@@ -94,12 +94,25 @@ class LazyParam:
                      for i in range(*index[0].indices(self.shape[0]))])
 
 
+def _copy_tokenizer(path: str, out_dir: str) -> list[str]:
+  """Copies a tokenizer's files (SentencePiece: the .model; HF: tokenizer.json and, present
+  beside it, tokenizer_config.json and chat_template.jinja) into `out_dir`; returns the copies."""
+  files = (tokenizer_lib.hf_tokenizer_files(path) if tokenizer_lib.is_hf_tokenizer(path)
+           else [path])
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  copies = []
+  for f in files:
+    copies.append(os.path.join(out_dir, os.path.basename(f)))
+    epath.Path(f).copy(copies[-1], overwrite=True)
+  return copies
+
+
 def _special_ids(tokenizer: str | None) -> dict:
-  """bos/eos/pad ids for config.json, from the SentencePiece model (-1 = it has none)."""
+  """bos/eos/pad ids for config.json, from the tokenizer (-1 = it has none)."""
   if tokenizer is None:
     return {}
-  sp = tokenizer_lib.load_tokenizer(tokenizer)
-  ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+  t = tokenizer_lib.load_tokenizer(tokenizer)
+  ids = {"bos_token_id": t.bos_id, "eos_token_id": t.eos_id, "pad_token_id": t.pad_id}
   return {k: v for k, v in ids.items() if v >= 0}
 
 
@@ -179,7 +192,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
   """lmjax run (latest checkpoint, or `step`) -> HF directory with config.json, float32
   safetensors (one file, or shards of at most `max_shard_bytes` with their index) and the run's
-  tokenizer.model. The tensors are gathered and converted one at a time, so a host holds one
+  tokenizer (tokenizer.model, or tokenizer.json and its config). The tensors are gathered and converted one at a time, so a host holds one
   shard file's worth of them, not the model. Returns {what: path} of the files written, and
   "step"."""
   _check_exportable(workdir_lib.load_config(workdir), workdir)  # before restoring anything
@@ -198,7 +211,7 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None,
     with open(written["config"], "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer:
-      written["tokenizer"] = os.path.join(out_dir, workdir_lib.TOKENIZER)
-      shutil.copyfile(tokenizer, written["tokenizer"])
+      for copy in _copy_tokenizer(tokenizer, out_dir):
+        written[os.path.basename(copy)] = copy
   written["step"] = step
   return written
