@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 from typing import Any, Sequence
+import re
 
 from lmjax.errors import ConfigError
 from lmjax.schema import (CHOICES, FINETUNE_IDENTITY_KEYS, FINETUNE_TASKS, RANGES,  # noqa: F401
@@ -240,6 +241,53 @@ def _check_objective(cfg: ConfigDict) -> None:
                       "cannot generate. Set train.sample_prompt=''.")
 
 
+MIXTURE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float, str]]:
+  """[(name, weight normalized to sum 1, source)]; raises a ConfigError naming the bad entry."""
+  entries, names = [], set()
+  for entry in (e.strip() for e in spec.split(",")):
+    parts = entry.split(":", 2)
+    if len(parts) != 3:
+      raise ConfigError(f"data.mixture entry '{entry}' is not NAME:WEIGHT:SOURCE, e.g. "
+                        "web:0.7:text:/data/web/*.jsonl,code:0.3:parquet:/data/code/*.parquet.")
+    name, weight, source = parts
+    try:
+      weight = float(weight)
+    except ValueError:
+      weight = -1.0
+    if not MIXTURE_NAME.match(name) or name in names:
+      raise ConfigError(f"data.mixture: source name '{name}' must be letters, digits and _, and "
+                        "unique.")
+    if not weight > 0:
+      raise ConfigError(f"data.mixture: the weight of '{name}' must be a number > 0, got "
+                        f"'{parts[1]}'.")
+    if source.partition(":")[0] not in ("text", "parquet", "arrow", "tfds") and (
+        source != "pystdlib"):
+      raise ConfigError(f"data.mixture: source '{source}' of '{name}' is not one of pystdlib, "
+                        "text:GLOB, parquet:GLOB, arrow:PATH, tfds:NAME.")
+    names.add(name)
+    entries.append((name, weight, source))
+  total = sum(w for _, w, _ in entries)
+  return [(name, w / total, source) for name, w, source in entries]
+
+
+def _check_mixture(data: ConfigDict) -> None:
+  """data.mixture parses; it replaces data.source, which becomes "mixture"."""
+  if not data.mixture:
+    if data.source == "mixture":
+      raise ConfigError("data.source=mixture needs data.mixture=NAME:WEIGHT:SOURCE,...; or set "
+                        "data.source to one corpus.")
+    return
+  parse_mixture(data.mixture)
+  if data.source not in ("synthetic", "mixture"):
+    raise ConfigError(f"Both data.source={data.source} and data.mixture are set: put that source "
+                      "in the mixture (NAME:WEIGHT:SOURCE) and set data.source=mixture (or leave "
+                      "it unset), or drop data.mixture.")
+  data.source = "mixture"
+
+
 def finalize(cfg: ConfigDict) -> ConfigDict:
   """Checks every value and the relations between keys, and fills derived values."""
   check_choices(cfg)
@@ -250,6 +298,7 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
   if cfg.optim.accumulation_steps < 1 or cfg.train.batch_size % cfg.optim.accumulation_steps:
     raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by "
                       f"optim.accumulation_steps={cfg.optim.accumulation_steps}.")
+  _check_mixture(cfg.data)
   _check_finetune(cfg)
   _check_objective(cfg)
   ids = cfg.distributed.local_device_ids

@@ -17,7 +17,7 @@ from lmjax import builder
 from lmjax import sharding as sharding_lib
 from lmjax import workdir as workdir_lib
 from lmjax import data as data_lib
-from lmjax.data import tasks
+from lmjax.data import mixture, tasks
 
 
 def evaluate_batches(run, eval_step, params, batches) -> dict:
@@ -34,22 +34,27 @@ def evaluate_batches(run, eval_step, params, batches) -> dict:
 
 
 def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
-                   num_batches: int | None = None) -> dict:
+                   num_batches: int | None = None, cfg=None) -> dict:
   """The first `num_batches` (default train.eval_batches) batches of a pretraining split, the same
   every time, each window at most once.
 
   Bits per byte = the summed loss (nats) / ln 2 / the UTF-8 bytes of the tokens it scored (each
   target token's text, `tokenizer.token_bytes`): comparable across tokenizers. It is absent for
   synthetic data, which has no text, and for a masked LM, which does not score every token.
+  A mixture (data.mixture) is evaluated on each source's split: its numbers as KEY_NAME, and the
+  mixture's (each number averaged with the mixture's weights; perplexity = exp(loss)).
+  `cfg`: the data to read (default run.cfg's).
   """
-  cfg = run.cfg
+  cfg = cfg or run.cfg
+  if cfg.data.mixture:
+    return _evaluate_mixture(run, workdir, eval_step, params, split, num_batches, cfg)
   num_batches = num_batches or cfg.train.eval_batches
   iterator = data_lib.make_iterator(cfg, workdir, split, run.process_rows)
   # a small split would wrap around: count each window once
   num_batches = min(num_batches, getattr(iterator, "batches_per_epoch", None) or num_batches)
   with_bytes = cfg.data.source != "synthetic" and run.objective.name == "causal_lm"
   if with_bytes:
-    eval_step = _with_scored_bytes(run, eval_step, workdir)
+    eval_step = _with_scored_bytes(run, eval_step, workdir, cfg)
   try:
     result = evaluate_batches(run, eval_step, params,
                               (next(iterator) for _ in range(num_batches)))
@@ -62,12 +67,27 @@ def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
   return result
 
 
-def _with_scored_bytes(run, eval_step, workdir: str):
+def _evaluate_mixture(run, workdir: str, eval_step, params, split, num_batches, cfg) -> dict:
+  parts = {name: (weight, evaluate_split(run, workdir, eval_step, params, split, num_batches,
+                                         mixture.source_config(cfg, workdir, name)))
+           for name, weight, _ in mixture.parse(cfg.data.mixture)}
+  result = {}
+  for key in next(iter(parts.values()))[1]:
+    values = [(weight, r[key]) for weight, r in parts.values()]
+    result[key] = (sum(v for _, v in values) if key in ("tokens", "examples") else
+                   sum(weight * v for weight, v in values))
+  result["perplexity"] = math.exp(min(result["loss"], 80.0))
+  for name, (_, r) in parts.items():
+    result.update({f"{key}_{name}": v for key, v in r.items() if key != "perplexity"})
+  return result
+
+
+def _with_scored_bytes(run, eval_step, workdir: str, cfg):
   """eval_step plus "bytes": the UTF-8 bytes of the batch's target tokens, summed on the mesh
   (each global row once, however the rows are spread over processes). With document masking, a
   target after an eos is not scored (losses.causal_lm_loss), so its bytes do not count."""
-  count = _bytes_counter(workdir_lib.tokenizer_path(run.cfg, workdir),
-                         run.batch_shardings["tokens"], run.cfg.data.packing == "documents")
+  count = _bytes_counter(workdir_lib.tokenizer_path(cfg, workdir),
+                         run.batch_shardings["tokens"], cfg.data.packing == "documents")
   return lambda params, batch: {**eval_step(params, batch), "bytes": count(batch["tokens"])}
 
 
@@ -107,4 +127,7 @@ def format_result(step: int, result: dict, objective: str = "causal_lm") -> str:
   text = f"step {step}: val loss {result['loss']:.4f}{scored}, perplexity {result['perplexity']:.2f}"
   if "bits_per_byte" in result:
     text += f", bits/byte {result['bits_per_byte']:.4f}"
+  per_source = [k[len("tokens_"):] for k in result if k.startswith("tokens_")]
+  if per_source:  # a mixture's sources
+    text += "; " + ", ".join(f"{name} {result['loss_' + name]:.4f}" for name in per_source)
   return text

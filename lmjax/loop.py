@@ -107,9 +107,11 @@ class Progress:
     else:
       self.steps += 1
 
-  def train_record(self, done: int, metrics) -> dict:
-    """Writes (and shows) a step's metrics with the speed since the clock last restarted."""
+  def train_record(self, done: int, metrics, extra: dict | None = None) -> dict:
+    """Writes (and shows) a step's metrics with the speed since the clock last restarted, and
+    `extra` (a mixture's tokens per source)."""
     record = {k: float(v) for k, v in metrics.items()}
+    record.update(extra or {})
     now = time.perf_counter()
     if self.steps:
       step_time = (now - self.clock) / self.steps
@@ -314,7 +316,8 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
         metrics = jax.device_get(metrics)
         guard.check(done, metrics)
         checkpoints.check_for_errors()  # a background save that failed, reported now
-        last["train"] = report.train_record(done, metrics)
+        counts = getattr(train_iter, "log_counts", None)
+        last["train"] = report.train_record(done, metrics, counts and counts(data_state))
       if report.bar is not None:
         report.bar.update(1)
       if evaluate and (done % t.eval_every == 0 or done == t.steps):

@@ -104,7 +104,12 @@ def _model() -> ConfigDict:
 
 def _data() -> ConfigDict:
   s = ConfigDict()
-  s.source = "synthetic"  # synthetic | pystdlib | text:GLOB | parquet:GLOB | arrow:PATH | tfds:NAME
+  # synthetic | pystdlib | text:GLOB | parquet:GLOB | arrow:PATH | tfds:NAME; "mixture" (set from
+  # data.mixture)
+  s.source = "synthetic"
+  # weighted sources, "NAME:WEIGHT:SOURCE,..." (e.g. "web:0.7:text:web/*.jsonl,code:0.3:pystdlib");
+  # "" = data.source alone
+  s.mixture = ""
   s.seq_len = 256
   # pretraining windows cut the token stream anywhere; "documents": attention stays inside each
   # eos-terminated document of a window, positions restart per document (causal_lm only)

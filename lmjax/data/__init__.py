@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from etils import epath
 
-from lmjax.data.prepare import index_path, is_prepared, prepare, prepare_once, read_index
+from lmjax.data import mixture
+from lmjax.data import prepare as prepare_lib
+from lmjax.data.prepare import index_path
 from lmjax.data.sources import iter_documents
 from lmjax.data.synthetic import SyntheticIterator
 from lmjax.data.tokenizer import (Tokenizer, check_vocab, file_sha256, load_tokenizer,
@@ -18,6 +20,47 @@ from lmjax.data.tokenizer import (Tokenizer, check_vocab, file_sha256, load_toke
 __all__ = ["SyntheticIterator", "Tokenizer", "check_vocab", "file_sha256", "is_prepared",
            "iter_documents", "load_tokenizer", "make_iterator", "masking_for", "prepare", "prepare_once",
            "read_index", "resolve_tokenizer", "token_bytes", "train_tokenizer"]
+
+
+def _each_source(cfg, workdir: str) -> dict:
+  """{name: source config} of a mixture's sources."""
+  return {name: mixture.source_config(cfg, workdir, name)
+          for name, _, _ in mixture.parse(cfg.data.mixture)}
+
+
+def prepare(cfg, workdir: str) -> dict:
+  """prepare.prepare, or each source of a mixture (mixture.prepare)."""
+  if cfg.data.mixture:
+    return mixture.prepare(cfg, workdir)
+  return prepare_lib.prepare(cfg, workdir)
+
+
+def prepare_once(cfg, workdir: str) -> dict:
+  """prepare.prepare_once (process 0 prepares, the others check), of each source of a mixture."""
+  if cfg.data.mixture:
+    return mixture.prepare(cfg, workdir, once=True)
+  return prepare_lib.prepare_once(cfg, workdir)
+
+
+def is_prepared(cfg, workdir: str) -> bool:
+  if cfg.data.mixture:
+    return all(prepare_lib.is_prepared(c, workdir) for c in _each_source(cfg, workdir).values())
+  return prepare_lib.is_prepared(cfg, workdir)
+
+
+def read_index(cfg, workdir: str) -> dict:
+  """The prepared data's index; a mixture's: each source's, and the totals of each split."""
+  if cfg.data.mixture:
+    return mixture.combined_index(cfg, {name: prepare_lib.read_index(c, workdir)
+                                        for name, c in _each_source(cfg, workdir).items()})
+  return prepare_lib.read_index(cfg, workdir)
+
+
+def index_paths(cfg, workdir: str) -> list[str]:
+  """The index.json of the prepared data: one, or each source's of a mixture."""
+  if not cfg.data.mixture:
+    return [index_path(cfg, workdir)]
+  return [index_path(c, workdir) for c in _each_source(cfg, workdir).values()]
 
 
 def make_iterator(cfg, workdir: str, split: str = "train", process_rows=None,
@@ -30,8 +73,9 @@ def make_iterator(cfg, workdir: str, split: str = "train", process_rows=None,
     vocab = cfg.model.vocab_size - (1 if cfg.train.objective == "masked_lm" else 0)
     return SyntheticIterator(vocab, cfg.data.seq_len, batch_size, cfg.train.seed, process_rows,
                              split)
-  if not epath.Path(index_path(cfg, workdir)).is_file():
+  if not all(epath.Path(path).is_file() for path in index_paths(cfg, workdir)):
     prepare(cfg, workdir)  # a fresh workdir; whether existing data still fits the config is
     # checked where data is made (train's prepare_once): a run's data is read as it was made
-  from lmjax.data.loader import TokenIterator  # Grain is imported only when batches are needed
-  return TokenIterator(cfg, workdir, split, process_rows, batch_size)
+  from lmjax.data import loader  # Grain is imported only when batches are needed
+  iterator = loader.MixtureIterator if cfg.data.mixture else loader.TokenIterator
+  return iterator(cfg, workdir, split, process_rows, batch_size)

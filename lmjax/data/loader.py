@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from lmjax import workdir as workdir_lib
+from lmjax.data import mixture as mixture_lib
 from lmjax.data.prepare import read_index
 from lmjax.errors import ConfigError, DataError
 
@@ -69,6 +70,29 @@ def window_dataset(num_windows: int, batch_size: int, seed: int, shuffle: bool) 
   return ids.repeat().batch(batch_size, drop_remainder=True)
 
 
+def split_windows(cfg, workdir: str, split: str) -> TokenWindows:
+  """The windows of a prepared split, its shards memory-mapped (from a local copy of a bucket's)."""
+  index = read_index(cfg, workdir)
+  if split not in index["splits"]:
+    raise DataError(f"No split '{split}' in the prepared data; use one of "
+                    f"{sorted(index['splits'])}.")
+  if cfg.model.vocab_size < index["vocab_size"]:
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the prepared "
+                      f"data's vocabulary ({index['vocab_size']}). Set --config.model.vocab_size="
+                      f"{-(-index['vocab_size'] // 128) * 128}.")
+  shards = index["splits"][split]["shards"]
+  directory = workdir_lib.prepared_dir(cfg, workdir)
+  version = json.dumps([index["fingerprint"], shards], sort_keys=True)
+  windows = TokenWindows([workdir_lib.local_copy(os.path.join(directory, s["file"]), version)
+                          for s in shards],
+                         [s["tokens"] for s in shards], index["dtype"], cfg.data.seq_len)
+  if not len(windows):
+    raise DataError(f"The {split} split of '{directory}' has {index['splits'][split]['tokens']} "
+                    f"tokens, fewer than one window of data.seq_len + 1 = "
+                    f"{cfg.data.seq_len + 1}. Lower data.seq_len or prepare more data.")
+  return windows
+
+
 class TokenIterator:
   """Batches {"tokens": int32 [len(process_rows), seq_len + 1]}: rows `process_rows` of each
   global batch; same interface as SyntheticIterator."""
@@ -76,24 +100,7 @@ class TokenIterator:
   def __init__(self, cfg, workdir: str, split: str = "train", process_rows=None,
                batch_size: int | None = None):
     batch_size = batch_size or cfg.train.batch_size
-    index = read_index(cfg, workdir)
-    if split not in index["splits"]:
-      raise DataError(f"No split '{split}' in the prepared data; use one of "
-                      f"{sorted(index['splits'])}.")
-    if cfg.model.vocab_size < index["vocab_size"]:
-      raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the prepared "
-                        f"data's vocabulary ({index['vocab_size']}). Set --config.model.vocab_size="
-                        f"{-(-index['vocab_size'] // 128) * 128}.")
-    shards = index["splits"][split]["shards"]
-    directory = workdir_lib.prepared_dir(cfg, workdir)
-    version = json.dumps([index["fingerprint"], shards], sort_keys=True)
-    self.windows = TokenWindows([workdir_lib.local_copy(os.path.join(directory, s["file"]), version)
-                                 for s in shards],
-                                [s["tokens"] for s in shards], index["dtype"], cfg.data.seq_len)
-    if not len(self.windows):
-      raise DataError(f"The {split} split has {index['splits'][split]['tokens']} tokens, fewer "
-                      f"than one window of data.seq_len + 1 = {cfg.data.seq_len + 1}. Lower "
-                      f"data.seq_len or prepare more data.")
+    self.windows = split_windows(cfg, workdir, split)
     self.split, self.batch_size, self.seed = split, batch_size, cfg.train.seed
     self.batches_per_epoch = max(1, len(self.windows) // batch_size)
     rows = slice(None) if process_rows is None else np.asarray(process_rows)
@@ -120,6 +127,66 @@ class TokenIterator:
                         f"{saved}, but this iterator has {now}. Resume with the same "
                         "train.batch_size, data.seq_len and prepared data.")
     self._iterator.set_state(state["grain"])
+
+  def close(self) -> None:
+    self._iterator.close()
+
+
+class MixtureIterator:
+  """The batches of a weighted mixture (data.mixture; mixture.py): global row i is window
+  `local` of source `source` (mixture.Schedule), each source's windows shuffled per epoch (train)
+  or in order (val). Same interface as TokenIterator; `log_counts(state)` gives the tokens each
+  source has given up to a data position, for the training log."""
+
+  def __init__(self, cfg, workdir: str, split: str = "train", process_rows=None,
+               batch_size: int | None = None):
+    entries = mixture_lib.parse(cfg.data.mixture)
+    self.names = [name for name, _, _ in entries]
+    self.weights = [weight for _, weight, _ in entries]
+    self.windows = [split_windows(mixture_lib.source_config(cfg, workdir, name), workdir, split)
+                    for name in self.names]
+    self.split, self.batch_size, self.seed = split, batch_size or cfg.train.batch_size, cfg.train.seed
+    self.seq_len = cfg.data.seq_len
+    self.schedule = mixture_lib.Schedule(self.weights, cfg.train.seed)
+    self.orders = [grain.MapDataset.range(len(w)).shuffle(seed=cfg.train.seed + 7919 * (s + 1))
+                   .repeat() if split == "train" else grain.MapDataset.range(len(w)).repeat()
+                   for s, w in enumerate(self.windows)]
+    rows = np.arange(self.batch_size) if process_rows is None else np.asarray(process_rows)
+    batches = grain.MapDataset.range(np.iinfo(np.int64).max // self.batch_size).map(
+        lambda k: {"tokens": self._rows(k * self.batch_size + rows)})
+    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, cfg.data.prefetch))
+    self._iterator = iter(batches.to_iter_dataset(options))
+
+  def _rows(self, rows: np.ndarray) -> np.ndarray:
+    sources, local = self.schedule.lookup(rows)
+    return np.stack([self.windows[s][self.orders[s][int(j)]] for s, j in zip(sources, local)])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._iterator)
+
+  def _identity(self) -> list:
+    return [[n, w, len(x)] for n, w, x in zip(self.names, self.weights, self.windows)]
+
+  def get_state(self) -> dict:
+    return {"grain": self._iterator.get_state(), "split": self.split,
+            "batch_size": self.batch_size, "mixture": self._identity(), "seed": self.seed}
+
+  def set_state(self, state: dict) -> None:
+    saved = (state["split"], state["batch_size"], state.get("mixture"))
+    now = (self.split, self.batch_size, self._identity())
+    if saved != now:
+      raise ConfigError(f"The saved data position is for (split, global batch size, [source, "
+                        f"weight, windows]) = {saved}, but this mixture has {now}. Resume with "
+                        "the same data.mixture, train.batch_size, data.seq_len and prepared data.")
+    self._iterator.set_state(state["grain"])
+
+  def log_counts(self, state: dict) -> dict:
+    """{"tokens_NAME": tokens of source NAME in the batches before the position `state`}."""
+    rows = self.schedule.rows_per_source(state["grain"]["next_index"] * self.batch_size)
+    return {f"tokens_{name}": int(n) * self.seq_len for name, n in zip(self.names, rows)}
 
   def close(self) -> None:
     self._iterator.close()

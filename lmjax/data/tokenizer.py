@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 from etils import epath
 import sentencepiece as spm
 
+from lmjax import config as config_lib
 from lmjax import workdir as workdir_lib
 from lmjax.data.sources import is_validation_document, iter_documents
 from lmjax.data.tokenizer_files import (HF_TOKENIZER, HF_TOKENIZER_CONFIG, Tokenizer,  # noqa: F401
@@ -65,7 +66,14 @@ def training_chunks(docs: Iterable[str], max_chars: int = CHUNK_CHARS) -> Iterat
 
 def tokenizer_sample(cfg) -> Iterator[str]:
   """The training documents (validation ones left out) up to ~`data.tokenizer_sample_bytes`.
-  Raises a DataError if none is left for training."""
+  Raises a DataError if none is left for training. A mixture's: each source's, by weight."""
+  if cfg.data.mixture:  # data.tokenizer_sample_bytes split by weight
+    for _, weight, source in config_lib.parse_mixture(cfg.data.mixture):
+      one = config_lib.ConfigDict(cfg.to_dict())
+      one.data.update(source=source, mixture="", tokenizer_sample_bytes=max(
+          1, int(cfg.data.tokenizer_sample_bytes * weight)))
+      yield from tokenizer_sample(one)
+    return
   budget, seen, trained_on = cfg.data.tokenizer_sample_bytes, 0, 0
   for doc_index, doc in enumerate(iter_documents(cfg)):
     if budget <= 0:
