@@ -241,6 +241,24 @@ def _check_objective(cfg: ConfigDict) -> None:
                       "cannot generate. Set train.sample_prompt=''.")
 
 
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """train.profile_steps "START:END" as (START, END), both included; None when empty."""
+  if not spec:
+    return None
+  start, _, end = spec.partition(":")
+  if not (start.strip().isdigit() and end.strip().isdigit() and 1 <= int(start) <= int(end)):
+    raise ConfigError(f"train.profile_steps must be START:END with 1 <= START <= END (steps "
+                      f"numbered as in the logs, both included; e.g. 10:12), got '{spec}'.")
+  return int(start), int(end)
+
+
+def _check_tracking(t: ConfigDict) -> None:
+  profile_range(t.profile_steps)
+  if t.wandb_project and importlib.util.find_spec("wandb") is None:
+    raise ConfigError(f"train.wandb_project={t.wandb_project} needs the wandb package: pip "
+                      "install 'lmjax[wandb]' (or set train.wandb_project='').")
+
+
 MIXTURE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -301,6 +319,7 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
   _check_mixture(cfg.data)
   _check_finetune(cfg)
   _check_objective(cfg)
+  _check_tracking(cfg.train)
   ids = cfg.distributed.local_device_ids
   if ids and not all(part.strip().isdigit() for part in ids.split(",")):
     raise ConfigError(f"distributed.local_device_ids must be comma-separated device numbers "

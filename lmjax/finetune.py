@@ -46,7 +46,8 @@ from lmjax.trees import to_host
 
 # train.* keys that belong to the fine-tuning loop; the others (the objective) come from --init
 LOOP_TRAIN_KEYS = ("steps", "batch_size", "seed", "log_every", "eval_every", "eval_batches",
-                   "checkpoint_every", "keep_checkpoints", "sample_prompt")
+                   "checkpoint_every", "keep_checkpoints", "sample_prompt", "wandb_project",
+                   "wandb_entity", "profile_steps")
 
 
 # --- the config: the user's sections around the --init run's model ------------------------------

@@ -80,7 +80,8 @@ class Progress:
   def __init__(self, run, workdir: str, start: int, progress: bool):
     cfg = run.cfg
     self.is_writer = jax.process_index() == 0
-    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_writer)
+    self.writer = metrics_lib.MetricsWriter(workdir, enabled=self.is_writer, cfg=cfg)
+    self.profiler = metrics_lib.Profiler(cfg.train.profile_steps, workdir, self.is_writer)
     self.bar = None
     if progress and self.is_writer:
       from tqdm import tqdm
@@ -100,8 +101,9 @@ class Progress:
   def restart_clock(self) -> None:
     self.clock, self.steps = time.perf_counter(), 0
 
-  def stepped(self, metrics) -> None:
-    if self.clock is None:  # the first step compiles: time from its end
+  def stepped(self, step: int, metrics) -> None:
+    # the first step compiles, a profile's last step writes the trace: time from their end
+    if self.profiler.stop(step, metrics) or self.clock is None:
       jax.block_until_ready(metrics)
       self.restart_clock()
     else:
@@ -127,6 +129,7 @@ class Progress:
     return record
 
   def close(self) -> None:
+    self.profiler.stop()
     self.writer.close()
     if self.bar is not None:
       self.bar.close()
@@ -303,15 +306,17 @@ def _steps(run, state, start, train_step, train_iter, evaluate, checkpoints, rep
     upcoming = next_batch() if start < t.steps else None
     for step in range(start, t.steps):
       (batch, data_state), upcoming = upcoming, None
-      with run.context():  # the mesh for tracing; checkpoints save outside it (Orbax's copies)
-        state, metrics = train_step(state, batch)
       done = step + 1
+      report.profiler.start(done)
+      # the mesh for tracing; checkpoints save outside it (Orbax's copies)
+      with run.context(), jax.profiler.StepTraceAnnotation("train", step_num=done):
+        state, metrics = train_step(state, batch)
       if done < t.steps:  # the next batch loads and transfers while this step computes
         upcoming = next_batch()
       if pending is not None:
         guard.check(*pending)
       pending = (done, metrics)
-      report.stepped(metrics)
+      report.stepped(done, metrics)
       if done % t.log_every == 0 or done == t.steps:
         metrics = jax.device_get(metrics)
         guard.check(done, metrics)

@@ -1,14 +1,18 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, and the FLOP/s peaks behind MFU."""
+"""What a run reports: metrics.jsonl, TensorBoard events, Weights & Biases, profiler traces, and
+the FLOP/s peaks behind MFU."""
 from __future__ import annotations
 
 import json
 import math
 import time
+import uuid
 
 import jax
 import numpy as np
 
+from lmjax import config as config_lib
 from lmjax import workdir as workdir_lib
+from lmjax.errors import ConfigError
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets; no sparsity).
 PEAK_FLOPS = {
@@ -76,7 +80,8 @@ class MetricsWriter:
   PART_LINES = 100
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
-               appendable: bool | None = None):
+               appendable: bool | None = None, cfg=None):
+    """With `cfg` whose train.wandb_project is set, the records also go to W&B."""
     self.enabled = enabled
     self.path = workdir_lib.metrics_path(workdir)
     self._append = "://" not in str(workdir) if appendable is None else appendable
@@ -85,6 +90,9 @@ class MetricsWriter:
     if enabled and tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(logdir=str(workdir), flush_secs=10)
+    self._wandb = None
+    if enabled and cfg is not None and cfg.train.wandb_project:
+      self._wandb = wandb_run(cfg, workdir)
 
   def write(self, step: int, split: str, **scalars) -> None:
     if not self.enabled:
@@ -100,10 +108,13 @@ class MetricsWriter:
         self._part, self._lines = metric_parts(self.path, new=True)[-1], []
       self._lines.append(line)
       self._part.write_text("".join(self._lines))
+    numbers = {f"{split}/{k}": v for k, v in record.items()
+               if k not in ("step", "split") and isinstance(v, (int, float))}
     if self._tb is not None:
-      for k, v in record.items():
-        if k not in ("step", "split") and isinstance(v, (int, float)):
-          self._tb.add_scalar(f"{split}/{k}", v, int(step))
+      for tag, v in numbers.items():
+        self._tb.add_scalar(tag, v, int(step))
+    if self._wandb is not None:
+      self._wandb.log(numbers, step=int(step))
 
   def flush(self) -> None:
     if self._tb is not None:
@@ -113,6 +124,62 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
+
+
+def wandb_run(cfg, workdir: str):
+  """The W&B run of a workdir (train.wandb_project), with the whole config. Its id is kept in
+  WORKDIR/wandb_id, so a resumed run continues the same W&B run; WANDB_MODE=offline keeps it on
+  disk (in WORKDIR/wandb, or WANDB_DIR for a workdir in a bucket) for `wandb sync`."""
+  import wandb
+  id_path = workdir_lib.join(workdir, workdir_lib.WANDB_ID)
+  run_id = id_path.read_text().strip() if id_path.exists() else uuid.uuid4().hex[:12]
+  id_path.write_text(run_id)
+  local = not workdir_lib.is_remote(workdir)
+  try:
+    return wandb.init(project=cfg.train.wandb_project, entity=cfg.train.wandb_entity or None,
+                      name=workdir_lib.join(workdir).name, id=run_id, resume="allow",
+                      config=cfg.to_dict(), dir=str(workdir) if local else None)
+  except Exception as e:  # no login, no network: say how to go on
+    raise ConfigError(f"W&B could not start a run in project {cfg.train.wandb_project} ({e}). "
+                      "Log in with `wandb login`, set WANDB_MODE=offline to keep the run on disk "
+                      "for `wandb sync`, or set train.wandb_project='' to train without W&B."
+                      ) from e
+
+
+class Profiler:
+  """train.profile_steps="START:END": process 0 writes a JAX profiler trace of those steps
+  (numbered as in the logs, both included) to WORKDIR/plugins/profile/TIME/, where TensorBoard's
+  profile plugin and XProf (`xprof --logdir WORKDIR`) find it. Each step is annotated as
+  "train N" (XProf's step view)."""
+
+  def __init__(self, spec: str, workdir: str, enabled: bool):
+    self.range = config_lib.profile_range(spec) if enabled else None
+    self.workdir, self.active = str(workdir), False
+
+  def start(self, step: int) -> None:
+    """Before step `step` runs: starts the trace at the first step in the range."""
+    if self.range and not self.active and self.range[0] <= step <= self.range[1]:
+      jax.profiler.start_trace(self.workdir)
+      self.active, self.first = True, step
+
+  def stop(self, step: int | None = None, outputs=None) -> bool:
+    """After step `step` was dispatched: at the range's end, waits for its `outputs` and writes
+    the trace (True); with no step (the loop ended early), writes what it has."""
+    if not self.active:
+      return False
+    if step is not None:
+      self.last = step
+      if step < self.range[1]:
+        return False
+    jax.block_until_ready(outputs)
+    jax.profiler.stop_trace()
+    self.active, self.range = False, None
+    log(f"Wrote a profile of steps {self.first}-{self.last} to {self.workdir}/plugins/profile "
+        f"(view it with `xprof --logdir {self.workdir}` or in TensorBoard's profile tab).")
+    return True
 
 
 def metric_parts(path, new: bool = False) -> list:

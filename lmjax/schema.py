@@ -148,6 +148,9 @@ def _train() -> ConfigDict:
   s.spike_factor = 4.0
   s.spike_window = 50
   s.sample_prompt = ""  # printed with a sample continuation at the end of training
+  s.wandb_project = ""  # log config and metrics to this Weights & Biases project ("" = off)
+  s.wandb_entity = ""  # the W&B team or user ("" = your default)
+  s.profile_steps = ""  # "START:END": a JAX profiler trace of those steps in WORKDIR/plugins
   s.objective = "causal_lm"  # causal_lm (next token) | masked_lm (BERT; model.causal=False)
   s.mask_prob = 0.15  # masked_lm: fraction of (non-pad) tokens selected for prediction
   s.mask_token_fraction = 0.8  # of the selected: replaced by the mask token

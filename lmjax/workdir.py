@@ -41,6 +41,7 @@ PLOTS = "plots"
 TOKENIZER = "tokenizer.model"  # SentencePiece
 HF_TOKENIZER = "tokenizer.json"  # Hugging Face tokenizers
 FINETUNE_STATE = "finetune"
+WANDB_ID = "wandb_id"  # the W&B run id of a workdir (train.wandb_project), for resuming it
 
 
 def absolute(path: str) -> str:

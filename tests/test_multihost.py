@@ -70,10 +70,15 @@ def losses(workdir, split="train"):
   return [r["loss"] for r in read_metrics(workdir) if r["split"] == split]
 
 
-def test_two_processes_equal_one_and_restore_in_one(tmp_path):
+def test_two_processes_equal_one_and_restore_in_one(tmp_path, monkeypatch):
   args = COMMON + ["--config.train.steps=6", "--config.train.eval_every=6",
                    "--config.train.checkpoint_every=3"]
-  finish(launch("train", args + [f"--workdir={tmp_path / 'two'}"], tmp_path))
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  tracked = ["--config.train.wandb_project=lmjax-test", "--config.train.profile_steps=2:2"]
+  finish(launch("train", args + tracked + [f"--workdir={tmp_path / 'two'}"], tmp_path))
+  # process 0 alone reports to W&B and writes the profile
+  assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+  assert len(list((tmp_path / "two" / "plugins" / "profile").glob("*/*.xplane.pb"))) == 1
   single("train", args + [f"--workdir={tmp_path / 'one'}"])
   two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
   assert len(two) == 6 and two == pytest.approx(one, rel=1e-5, abs=1e-5)
