@@ -32,7 +32,8 @@ from lmjax import workdir as workdir_lib
 from lmjax.data.tokenizer import eos_for, masking_for
 from lmjax.errors import ConfigError
 from lmjax.flops import count_params
-from lmjax.losses import Forward, Objective, objective as make_objective
+from lmjax.frozen import Frozen, objective as make_objective
+from lmjax.losses import Forward, Objective
 from lmjax.model import ModelConfig, Transformer, resolve_attention
 from lmjax.optim import learning_rate_schedule, make_optimizer
 from lmjax.step import TrainState, make_train_step
@@ -100,29 +101,66 @@ class Run:
     """The model's own tree of a run's params."""
     return params["model"] if "model" in params else params
 
-  def train_step(self):
-    """The pure (state, batch) -> (state, metrics) of this run's objective and optimizer."""
-    return make_train_step(self.objective.train_loss(self.forward), self.optimizer,
+  def train_step(self, frozen: Frozen | None = None):
+    """The pure (state, batch) -> (state, metrics) of this run's objective and optimizer (with
+    the frozen model's params as they are inside a jitted step)."""
+    return make_train_step(self.objective.train_loss(self.forward, frozen), self.optimizer,
                            self.schedule, self.cfg.optim.accumulation_steps,
                            self.objective.prepare)
 
-  def jit_train_step(self):
-    """train_step jitted with the run's shardings, the state donated."""
-    return jax.jit(self.train_step(), in_shardings=(self.state_shardings, self.batch_shardings),
+  def jit_train_step(self, frozen: Frozen | None = None):
+    """train_step jitted with the run's shardings, the state donated; a frozen model's params
+    go in as an argument (on their own shardings), not as constants."""
+    if frozen is None:
+      return jax.jit(self.train_step(), in_shardings=(self.state_shardings,
+                                                      self.batch_shardings),
+                     out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    step = jax.jit(lambda state, batch, p: self.train_step(Frozen(frozen.forward, p))(state,
+                                                                                     batch),
+                   in_shardings=(self.state_shardings, self.batch_shardings,
+                                 _shardings_of(frozen.params)),
                    out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    return lambda state, batch: step(state, batch, frozen.params)
 
-  def jit_eval_step(self):
+  def jit_eval_step(self, frozen: Frozen | None = None):
     """(params, batch) -> the objective's sums for the batch, replicated on every device."""
-    return jax.jit(functools.partial(self.objective.evaluate, self.forward),
-                   in_shardings=(self.state_shardings.params, self.batch_shardings),
+    evaluate = lambda params, batch, p: self.objective.evaluate(
+        self.forward, params, batch, frozen and Frozen(frozen.forward, p))
+    step = jax.jit(evaluate, in_shardings=(self.state_shardings.params, self.batch_shardings,
+                                           frozen and _shardings_of(frozen.params)),
                    out_shardings=sharding_lib.replicated(self.mesh))
+    return lambda params, batch: step(params, batch, frozen and frozen.params)
 
 
 def pretraining_objective(cfg, workdir: str | None = None) -> Objective:
-  """train.objective, with a masked LM's mask token read from the run's tokenizer."""
+  """train.objective, with a masked LM's mask token read from the run's tokenizer; with a
+  distill.teacher, the distillation loss (evaluated as the plain next-token loss)."""
   masking = masking_for(cfg, workdir) if cfg.train.objective == "masked_lm" else None
   eos_id = eos_for(cfg, workdir) if cfg.data.packing == "documents" else None
+  if cfg.get("distill", {}).get("teacher"):
+    d = cfg.distill
+    return make_objective("distill", alpha=d.alpha, temperature=d.temperature, kl=d.kl)
   return make_objective(cfg.train.objective, masking=masking, eos_id=eos_id)
+
+
+def _shardings_of(tree):
+  return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def frozen_model(workdir: str, mesh_of) -> tuple[Any, Frozen]:
+  """(its config, the frozen model) of the run in `workdir`: its latest params, sharded by its
+  own model's logical axes on the mesh of the run `mesh_of` (its mesh and rules), for a loss
+  beside that run's model (no optimizer state)."""
+  cfg = workdir_lib.load_config(workdir)
+  cfg.mesh = config_lib.ConfigDict(mesh_of.cfg.mesh.to_dict())
+  cfg.data.seq_len = mesh_of.cfg.data.seq_len
+  cfg.train.batch_size = mesh_of.cfg.train.batch_size
+  cfg.optim.accumulation_steps = mesh_of.cfg.optim.accumulation_steps
+  run = build(cfg, make_objective("causal_lm"), mesh=mesh_of.mesh)
+  with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir),
+                                 read_only=True) as checkpoints:
+    params = checkpoints.restore_params(None, run.abstract_state.params)
+  return cfg, Frozen(run.forward, params)
 
 
 def _parts(cfg, objective: Objective, model: Transformer):
@@ -175,10 +213,11 @@ def _state_initializer(cfg, objective, model, optimizer, layout, trainable, nest
   return init_state
 
 
-def build(cfg, objective: Objective, init=FromSeed(), devices=None) -> Run:
-  """The run `cfg` makes with `objective`, its params from `init` (FromSeed, FromRun).
-  Nothing is computed on the devices until `run.init()` is called."""
-  mesh = sharding_lib.make_mesh(cfg, devices)
+def build(cfg, objective: Objective, init=FromSeed(), devices=None, mesh=None) -> Run:
+  """The run `cfg` makes with `objective`, its params from `init` (FromSeed, FromRun), on
+  `mesh` (default: the one cfg.mesh makes of `devices`). Nothing is computed on the devices
+  until `run.init()` is called."""
+  mesh = sharding_lib.make_mesh(cfg, devices) if mesh is None else mesh
   rules = sharding_lib.logical_rules(cfg)
   model = Transformer(resolve_attention(ModelConfig.from_config(cfg), mesh.devices.flat[0]))
   optimizer, schedule = make_optimizer(cfg), learning_rate_schedule(cfg)

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import re
 
 from lmjax.errors import ConfigError
-from lmjax.schema import (CHOICES, FINETUNE_IDENTITY_KEYS, FINETUNE_TASKS, RANGES,  # noqa: F401
-                          LORA_TARGETS, MASKED_LM_KEYS, RUNTIME_MODEL_KEYS, ConfigDict,
+from lmjax.schema import (CHOICES, DISTILL_IDENTITY_KEYS, FINETUNE_IDENTITY_KEYS,  # noqa: F401
+                          FINETUNE_TASKS, RANGES, LORA_TARGETS, MASKED_LM_KEYS, RUNTIME_MODEL_KEYS, ConfigDict,
                           default_config)
 
 
@@ -236,6 +236,9 @@ def _check_objective(cfg: ConfigDict) -> None:
   if t.mask_token_id >= m.vocab_size:
     raise ConfigError(f"train.mask_token_id={t.mask_token_id} is outside the vocabulary "
                       f"(model.vocab_size={m.vocab_size}); use -1 for the tokenizer's [MASK].")
+  if cfg.distill.teacher:
+    raise ConfigError("distill.teacher needs a causal student (train.objective=causal_lm): "
+                      "distillation matches next-token distributions.")
   if t.sample_prompt:
     raise ConfigError("train.sample_prompt needs a causal LM (text continuation); a masked LM "
                       "cannot generate. Set train.sample_prompt=''.")
@@ -365,6 +368,9 @@ def identity(cfg) -> dict[str, Any]:
   out["train.objective"] = cfg["train"]["objective"]
   if cfg["train"]["objective"] == "masked_lm":
     out.update({f"train.{k}": cfg["train"][k] for k in MASKED_LM_KEYS})
+  distill = cfg.get("distill") or {}
+  if distill.get("teacher"):
+    out.update({f"distill.{k}": distill[k] for k in DISTILL_IDENTITY_KEYS})
   finetune = cfg.get("finetune") or {}
   if finetune.get("init"):
     out.update({f"finetune.{k}": finetune[k] for k in FINETUNE_IDENTITY_KEYS})

@@ -52,7 +52,7 @@ def evaluate_split(run, workdir: str, eval_step, params, split: str = "val",
   iterator = data_lib.make_iterator(cfg, workdir, split, run.process_rows)
   # a small split would wrap around: count each window once
   num_batches = min(num_batches, getattr(iterator, "batches_per_epoch", None) or num_batches)
-  with_bytes = cfg.data.source != "synthetic" and run.objective.name == "causal_lm"
+  with_bytes = cfg.data.source != "synthetic" and run.objective.name in ("causal_lm", "distill")
   if with_bytes:
     eval_step = _with_scored_bytes(run, eval_step, workdir, cfg)
   try:
@@ -120,6 +120,10 @@ def format_result(step: int, result: dict, objective: str = "causal_lm") -> str:
   if "macro_f1" in result:
     return (f"step {step}: val loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, "
             f"macro-F1 {result['macro_f1']:.4f} ({result['examples']} examples)")
+  if "pairs" in result:  # preference tuning
+    return (f"step {step}: val loss {result['loss']:.4f}, preference accuracy "
+            f"{result['accuracy']:.4f}, reward margin {result['margin']:.4f} ({result['pairs']} "
+            "pairs)")
   if "masked_accuracy" in result:
     return (f"step {step}: val masked-token loss {result['loss']:.4f}, perplexity "
             f"{result['perplexity']:.2f}, masked accuracy {result['masked_accuracy']:.4f}")

@@ -40,7 +40,7 @@ from lmjax import workdir as workdir_lib
 from lmjax.data import tasks
 from lmjax.data.tokenizer import load_tokenizer
 from lmjax.errors import ConfigError, DataError
-from lmjax.losses import objective as make_objective
+from lmjax.frozen import objective as make_objective
 from lmjax.metrics import log
 from lmjax.trees import to_host
 
@@ -150,8 +150,8 @@ def with_init(cfg, workdir: str, overrides=()):
     raise ConfigError("finetune.data is empty: set --config.finetune.data=PATH.jsonl.")
   if not epath.Path(out.finetune.data).exists():
     raise DataError(f"finetune.data={out.finetune.data} does not exist.")
-  if out.finetune.task == "sft" and not out.model.causal:
-    raise ConfigError(f"finetune.task=sft needs a causal LM, but the --init run ({init}) is a "
+  if out.finetune.task != "classification" and not out.model.causal:
+    raise ConfigError(f"finetune.task={out.finetune.task} needs a causal LM, but the --init run ({init}) is a "
                       "bidirectional encoder (model.causal=False); use finetune.task="
                       "classification.")
   size = load_tokenizer(out.data.tokenizer).vocab_size
@@ -169,11 +169,12 @@ def _describe(cfg, run, data) -> str:
   how = f"LoRA rank {f.lora_rank} on {f.lora_targets}" if f.lora_rank else "all params"
   counts = ", ".join(f"{split} {s['examples']}" for split, s in data.stats.items()
                      if isinstance(s, dict) and s)
-  if f.task == "sft":
-    cut = sum(s.get("truncated", 0) for s in data.stats.values())
-    dropped = sum(s.get("dropped", 0) for s in data.stats.values())
+  if f.task != "classification":
+    cut = sum(s.get("truncated", 0) for s in data.stats.values() if isinstance(s, dict))
+    dropped = sum(s.get("dropped", 0) for s in data.stats.values() if isinstance(s, dict))
+    limit = "data.seq_len + 1" if f.task == "sft" else "data.seq_len // 2 + 1 a side"
     counts += f"; {data.stats['train']['rows']} packed rows" + (
-        f"; {cut} examples cut to data.seq_len + 1 tokens" if cut else "") + (
+        f"; {cut} examples cut to {limit} tokens" if cut else "") + (
         f"; {dropped} left out (no response token within them)" if dropped else "")
   else:
     cut = sum(s.get("truncated", 0) for s in data.stats.values() if isinstance(s, dict))
@@ -195,15 +196,22 @@ def _finetune(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> di
   workdir_lib.check_compatible(cfg, workdir)
   data = tasks.load_task_data(cfg)  # every data error before any compilation
   f = cfg.finetune
-  objective = make_objective(f.task, num_classes=len(data.labels or ()), pooling=f.pooling)
+  objective = make_objective(f.task, num_classes=len(data.labels or ()), pooling=f.pooling,
+                             beta=f.dpo_beta, dpo_loss=f.dpo_loss,
+                             max_segments=data.stats.get("max_segments", 0))
   run = builder.build(cfg, objective, builder.FromRun(f.init))
-  eval_step = run.jit_eval_step()
+  # DPO's reference: the init model (with LoRA, the base under the adapters: no second copy)
+  frozen = None
+  if objective.frozen and not f.lora_rank:
+    frozen = builder.frozen_model(f.init, run)[1]
+  eval_step = run.jit_eval_step(frozen)
   evaluate = None
   if data.val is not None:
     evaluate = lambda params: evaluate_lib.evaluate_rows(run, eval_step, params, data.val)
   rows = tasks.RowIterator(data.train, cfg.train.batch_size, cfg.train.seed, run.process_rows)
   log(_describe(cfg, run, data))
-  result = loop.run_loop(run, workdir, run.jit_train_step(), rows, evaluate, progress=progress,
+  result = loop.run_loop(run, workdir, run.jit_train_step(frozen), rows, evaluate,
+                         progress=progress,
                          stop_at_step=stop_at_step,
                          checkpoint_dir=workdir_lib.checkpoint_dir(workdir, finetune_state=True),
                          format_eval=functools.partial(evaluate_lib.format_result,
@@ -231,7 +239,8 @@ def export(cfg, workdir: str, run, state, labels: list[str] | None = None) -> in
   directory = workdir_lib.checkpoint_dir(workdir)
   with ckpt_lib.open_checkpoints(directory, cfg.train.keep_checkpoints) as checkpoints:
     done = step in checkpoints.all_steps()
-  if done and (cfg.finetune.task == "sft" or workdir_lib.classifier_path(workdir).exists()):
+  if done and (cfg.finetune.task != "classification" or
+               workdir_lib.classifier_path(workdir).exists()):
     return step  # exported by an earlier invocation
   if not done:
     plain = builder.build(cfg, builder.pretraining_objective(cfg, workdir))

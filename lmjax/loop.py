@@ -135,10 +135,14 @@ class Progress:
       self.bar.close()
 
 
+# what the objectives report besides the loss (masked LM; classification and DPO; DPO; distill)
+SHOWN = {"masked_accuracy": "masked accuracy", "accuracy": "accuracy", "margin": "reward margin",
+         "ce": "cross-entropy", "kl": "KL"}
+
+
 def format_train(step: int, record: dict) -> str:
   text = f"step {step}: loss {record['loss']:.4f}"
-  if "masked_accuracy" in record:
-    text += f", masked accuracy {record['masked_accuracy']:.3f}"
+  text += "".join(f", {name} {record[k]:.3f}" for k, name in SHOWN.items() if k in record)
   text += f", lr {record['lr']:.2e}, grad norm {record['grad_norm']:.3f}"
   if "step_time" in record:
     text += (f", {record['tokens_per_second']:.0f} tokens/s, MFU {record['mfu']:.1%}, "

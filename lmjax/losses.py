@@ -55,40 +55,52 @@ class Forward:
 
 # --- the LM head and cross-entropy, in chunks ---------------------------------------------------
 
-def _head_nll(c, hidden_BCD, head, targets_BC):
-  """One chunk: logits [B, C, V] exactly as the model's head makes them (compute-dtype matmul,
-  muP's 1/width_mult, float32), their cross-entropy with the targets and their argmax."""
+def head_logits(c, hidden_BCD, head):
+  """Logits [B, C, V] (float32) exactly as the model's head makes them: compute-dtype matmul,
+  muP's 1/width_mult."""
   dt = DTYPES[c.dtype]
   equation = "BCD,VD->BCV" if c.tie_embeddings else "BCD,DV->BCV"
   logits_BCV = jnp.einsum(equation, hidden_BCD.astype(dt), head.astype(dt))
   if c.parametrization == "mup":
     logits_BCV = logits_BCV / c.width_mult
-  logits_BCV = constrain(logits_BCV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+  return constrain(logits_BCV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+
+
+def head_of(c, params):
+  """The LM head's matrix of a model's params (of a run's params): the tied embedding or head."""
+  tree = params["model"] if "model" in params else params
+  return tree["embed"]["embedding"] if c.tie_embeddings else tree["head"]["kernel"]
+
+
+def _head_nll(c, hidden_BCD, head, targets_BC):
+  """One chunk: the head's logits, their cross-entropy with the targets and their argmax."""
+  logits_BCV = head_logits(c, hidden_BCD, head)
   nll_BC = optax.softmax_cross_entropy_with_integer_labels(logits_BCV, targets_BC)
   return nll_BC, jnp.argmax(logits_BCV, -1).astype(jnp.int32)
 
 
-def token_losses(c, hidden_BTD, head, targets_BT):
-  """(nll [B, T], argmax [B, T]) of the LM head on the final hidden states: `model.loss_chunk`
-  positions of every row at a time (each row keeps its device: the chunks cut the sequence, not
-  the batch), each chunk's logits rebuilt in the backward instead of kept, so [B, loss_chunk, V]
-  float32 logits live at once, never [B, T, V]. A sequence that the chunk does not divide is
-  padded to whole chunks (the pads' losses are dropped). loss_chunk=0, or a chunk as long as
-  the sequence, is one plain pass."""
-  b, t, d = hidden_BTD.shape
-  chunk = c.loss_chunk
+def chunked(fn: Callable, chunk: int, *arrays_BT):
+  """`fn(*chunks)` over `chunk` positions of every row at a time (each row keeps its device: the
+  chunks cut the sequence, not the batch), each chunk rebuilt in the backward instead of kept:
+  what `fn` makes inside ([B, chunk, V] logits) lives one chunk at a time, never [B, T, V].
+  `fn` returns a tuple of [B, C] arrays; the result is that tuple over [B, T]. A sequence the
+  chunk does not divide is padded to whole chunks (the pads' outputs are dropped); chunk 0, or
+  one as long as the sequence, is one plain pass."""
+  b, t = arrays_BT[0].shape[:2]
   if chunk == 0 or chunk >= t:
-    return _head_nll(c, hidden_BTD, head, targets_BT)
+    return fn(*arrays_BT)
   n = -(-t // chunk)
-  pad = n * chunk - t
-  hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-  targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-  hidden_NBCD = hidden_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
-  targets_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
-  one = jax.checkpoint(lambda h_BCD, y_BC: _head_nll(c, h_BCD, head, y_BC))
-  nll_NBC, argmax_NBC = jax.lax.map(lambda xs: one(*xs), (hidden_NBCD, targets_NBC))
-  unchunk = lambda x_NBC: x_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-  return unchunk(nll_NBC), unchunk(argmax_NBC)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk - t)) + ((0, 0),) * (x.ndim - 2))
+  split = lambda x: pad(x).reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+  outs = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), tuple(split(x) for x in arrays_BT))
+  return tuple(x_NBC.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x_NBC in outs)
+
+
+def token_losses(c, hidden_BTD, head, targets_BT):
+  """(nll [B, T], argmax [B, T]) of the LM head on the final hidden states, `model.loss_chunk`
+  positions at a time (`chunked`)."""
+  return chunked(lambda h_BCD, y_BC: _head_nll(c, h_BCD, head, y_BC), c.loss_chunk, hidden_BTD,
+                 targets_BT)
 
 
 def lm_losses(forward, params, inputs_BT, targets_BT, positions_BT=None, segments_BT=None, *,
@@ -98,9 +110,7 @@ def lm_losses(forward, params, inputs_BT, targets_BT, positions_BT=None, segment
   hidden_BTD = forward(params, inputs_BT, positions_BT, segments_BT, rng=rng,
                        deterministic=deterministic, hidden=True)
   c = forward.model.cfg
-  tree = params["model"] if "model" in params else params
-  head = tree["embed"]["embedding"] if c.tie_embeddings else tree["head"]["kernel"]
-  return token_losses(c, hidden_BTD, head, targets_BT)
+  return token_losses(c, hidden_BTD, head_of(c, params), targets_BT)
 
 
 # --- the losses ---------------------------------------------------------------------------------
@@ -245,17 +255,24 @@ class Objective:
   eval_sums: Callable | None = None  # (forward, params, batch) -> sums; None: the loss's sums
   summarize: Callable = token_metrics  # summed eval sums -> the reported numbers
   num_classes: int = 0  # classes of a classification head (0: the run has no head)
+  # a second, frozen model the loss takes as `frozen=` (frozen.py): "teacher", "reference"
+  # (optional: LoRA's base is one), or "" for none
+  frozen: str = ""
 
-  def train_loss(self, forward: Forward) -> Callable:
+  def _loss(self, frozen) -> Callable:
+    return functools.partial(self.loss, frozen=frozen) if self.frozen else self.loss
+
+  def train_loss(self, forward: Forward, frozen=None) -> Callable:
     """(params, batch, rng) -> (loss sum, sums): what the train step differentiates."""
-    return lambda params, batch, rng: self.loss(forward, params, batch, rng, deterministic=False)
+    loss = self._loss(frozen)
+    return lambda params, batch, rng: loss(forward, params, batch, rng, deterministic=False)
 
-  def evaluate(self, forward: Forward, params, batch) -> dict:
+  def evaluate(self, forward: Forward, params, batch, frozen=None) -> dict:
     """The sums of one evaluation batch: {"loss": sum, "tokens": count, ...}."""
     batch = self.prepare_eval(batch)
     if self.eval_sums is not None:
       return self.eval_sums(forward, params, batch)
-    loss, sums = self.loss(forward, params, batch, None, deterministic=True)
+    loss, sums = self._loss(frozen)(forward, params, batch, None, deterministic=True)
     return {"loss": loss, **sums}
 
 

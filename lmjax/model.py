@@ -191,6 +191,9 @@ class Attention(nn.Module):
           out_BTNH = cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, causal=c.causal,
                                      scale=c.attention_scale)
     out_BTNH = constrain(out_BTNH, ("batch", "length", "act_heads", "kv"))
+    if self.is_mutable_collection("intermediates"):  # pruning's importance: each head's output
+      self.sow("intermediates", "head_norm",
+               jnp.sqrt(jnp.square(out_BTNH.astype(jnp.float32)).sum(-1)).sum((0, 1)))
     return Projection((c.num_heads, c.head_dim, c.d_model), ("heads", "kv", "embed"),
                       "BTNH,NHD->BTD", out_std, bias=not c.llama, cfg=c, name="out")(out_BTNH)
 
@@ -290,6 +293,8 @@ class Mlp(nn.Module):
     else:
       h_BTF = gelu(up("up"))
     h_BTF = constrain(h_BTF, ("batch", "length", "act_mlp"))
+    if self.is_mutable_collection("intermediates"):  # pruning's importance: each channel's
+      self.sow("intermediates", "mlp_abs", jnp.abs(h_BTF.astype(jnp.float32)).sum((0, 1)))
     return Projection((c.mlp_dim, c.d_model), ("mlp", "embed"), "BTF,FD->BTD", out_std,
                       bias=not c.llama, cfg=c, name="down")(h_BTF)
 
@@ -303,11 +308,17 @@ class Block(nn.Module):
   def __call__(self, x_BTD, positions_BT, kv_mask_BS=None, segment_ids_BT=None):
     c = self.cfg
     drop = nn.Dropout(c.dropout, deterministic=self.deterministic or c.dropout == 0)
+    in_BTD = x_BTD
     h = Attention(c, self.decode, name="attn")(Norm(c, name="attn_norm")(x_BTD), positions_BT,
                                                kv_mask_BS, segment_ids_BT)
     x_BTD = x_BTD + drop(h)
-    x_BTD = x_BTD + drop(Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD)))
-    return constrain(x_BTD, ("batch", "length", "act_embed"))
+    out_BTD = x_BTD + drop(Mlp(c, name="mlp")(Norm(c, name="mlp_norm")(x_BTD)))
+    if self.is_mutable_collection("intermediates"):  # pruning: how much the block changes x
+      a, b = in_BTD.astype(jnp.float32), out_BTD.astype(jnp.float32)
+      cos_BT = (a * b).sum(-1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) *
+                                             jnp.linalg.norm(b, axis=-1), 1e-12)
+      self.sow("intermediates", "block_cos", cos_BT.sum())
+    return constrain(out_BTD, ("batch", "length", "act_embed"))
 
 
 class ScanBlock(Block):
@@ -371,7 +382,8 @@ class Transformer(nn.Module):
     if c.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      layers = nn.scan(block, variable_axes={"params": 0, "cache": 0, "lora": 0},
+      layers = nn.scan(block, variable_axes={"params": 0, "cache": 0, "lora": 0,
+                                                   "intermediates": 0},
                        split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})

@@ -23,7 +23,9 @@ CHOICES = {
     "train.objective": ("causal_lm", "masked_lm"),
     "optim.name": ("adamw", "lion", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "finetune.task": ("sft", "classification"),
+    "finetune.task": ("sft", "classification", "dpo"),
+    "finetune.dpo_loss": ("sigmoid", "ipo"),
+    "distill.kl": ("forward", "reverse"),
     "finetune.pooling": ("last", "mean", "first"),
     "distributed.initialize": ("auto", "yes", "no"),
 }
@@ -51,7 +53,8 @@ RANGES = {
     "optim.weight_decay": ">=0", "optim.b1": "[0,1)", "optim.b2": "[0,1)", "optim.eps": ">0",
     "optim.grad_clip": ">=0", "optim.accumulation_steps": ">=1",
     "finetune.val_fraction": "[0,1)", "finetune.lora_rank": ">=0", "finetune.lora_alpha": ">0",
-    "finetune.num_classes": ">=0",
+    "finetune.num_classes": ">=0", "finetune.dpo_beta": ">0",
+    "distill.alpha": "[0,1]", "distill.temperature": ">0",
     "distributed.num_processes": ">=0", "distributed.process_id": ">=-1",
     "mesh.data": "-1|>=1", "mesh.fsdp": "-1|>=1", "mesh.tensor": "-1|>=1", "mesh.dcn_data": ">=1",
     "mesh.dcn_fsdp": ">=1", "mesh.dcn_tensor": ">=1",
@@ -63,7 +66,9 @@ LORA_TARGETS = ("query", "key", "value", "out", "up", "gate", "down")  # gate: l
 RUNTIME_MODEL_KEYS = ("dropout", "dtype", "remat", "attention", "loss_chunk")
 MASKED_LM_KEYS = ("mask_prob", "mask_token_fraction", "random_token_fraction", "mask_token_id")
 # finetune.* keys that make one fine-tuning another
-FINETUNE_IDENTITY_KEYS = ("init", "task", "lora_rank", "lora_alpha", "lora_targets", "pooling")
+FINETUNE_IDENTITY_KEYS = ("init", "task", "lora_rank", "lora_alpha", "lora_targets", "pooling",
+                          "dpo_beta", "dpo_loss")
+DISTILL_IDENTITY_KEYS = ("teacher", "alpha", "temperature", "kl")
 
 
 def _model() -> ConfigDict:
@@ -189,6 +194,17 @@ def _finetune() -> ConfigDict:
   s.lora_targets = "query,value"  # of query,key,value,out,up,gate,down
   s.num_classes = 0  # classification; 0 = from the data's labels
   s.pooling = "last"  # classification: last (the eos; decoders) | mean | first
+  s.dpo_beta = 0.1  # dpo: the strength of the pull toward the reference (the init model)
+  s.dpo_loss = "sigmoid"  # dpo: sigmoid (DPO) | ipo (IPO)
+  return s
+
+
+def _distill() -> ConfigDict:
+  s = ConfigDict()
+  s.teacher = ""  # a run (or converted HF) workdir: `lmjax distill` trains toward its outputs
+  s.alpha = 0.5  # loss = alpha * cross-entropy + (1 - alpha) * temperature^2 * KL
+  s.temperature = 1.0  # softens both distributions in the KL
+  s.kl = "forward"  # forward: KL(teacher || student) | reverse: KL(student || teacher)
   return s
 
 
@@ -237,7 +253,7 @@ def _mesh() -> ConfigDict:
 
 
 SECTIONS = {"model": _model, "data": _data, "train": _train, "optim": _optim,
-            "finetune": _finetune, "distributed": _distributed, "mesh": _mesh}
+            "finetune": _finetune, "distill": _distill, "distributed": _distributed, "mesh": _mesh}
 
 
 def default_config() -> ConfigDict:

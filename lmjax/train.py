@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 
 from lmjax import builder
 from lmjax import data as data_lib
@@ -13,6 +14,8 @@ from lmjax import lock
 from lmjax import loop
 from lmjax import metrics as metrics_lib
 from lmjax import workdir as workdir_lib
+from lmjax.data.tokenizer import tokenizer_sha256
+from lmjax.errors import ConfigError
 
 
 def prepare_data(cfg, workdir: str) -> None:
@@ -33,14 +36,55 @@ def train(cfg, workdir: str, progress: bool = True, stop_at_step: int | None = N
     return _train(cfg, workdir, progress, stop_at_step)
 
 
+def with_teacher(cfg):
+  """`lmjax distill`'s config: the student's, reading its data with the teacher's tokenizer
+  (data.tokenizer, unless the student names one: then it must be the same)."""
+  teacher = cfg.distill.teacher
+  if not workdir_lib.has_run(teacher) or not workdir_lib.has_checkpoint(teacher):
+    raise ConfigError(f"distill.teacher={teacher} holds no trained run (config.json and a "
+                      "checkpoint): give the workdir of an `lmjax train` run or of `lmjax convert "
+                      "--from_hf`.")
+  teacher_cfg = workdir_lib.read_config(teacher)
+  if cfg.data.source != "synthetic" and not cfg.data.tokenizer:
+    cfg.data.tokenizer = workdir_lib.tokenizer_path(teacher_cfg, teacher)
+  return cfg
+
+
+def check_teacher(cfg) -> None:
+  """The teacher must score the student's tokens: a causal LM of the same vocabulary and
+  tokenizer, with a context as long as the student's windows."""
+  teacher = cfg.distill.teacher
+  t = workdir_lib.read_config(teacher)
+  problem = None
+  if not t.model.causal:
+    problem = "it is a bidirectional encoder (model.causal=False), not a next-token model"
+  elif t.model.vocab_size != cfg.model.vocab_size:
+    problem = (f"its vocabulary has {t.model.vocab_size} entries (model.vocab_size), the "
+               f"student's {cfg.model.vocab_size}: they must share a tokenizer")
+  elif t.model.max_len < cfg.data.seq_len:
+    problem = (f"its context (model.max_len={t.model.max_len}) is shorter than the student's "
+               f"data.seq_len={cfg.data.seq_len}")
+  elif cfg.data.source != "synthetic":
+    mine, theirs = cfg.data.tokenizer, workdir_lib.tokenizer_path(t, teacher)
+    if not os.path.exists(mine) or not os.path.exists(theirs) or (
+        tokenizer_sha256(mine) != tokenizer_sha256(theirs)):
+      problem = (f"the student's tokenizer {mine} is not the teacher's ({theirs}): leave "
+                 "data.tokenizer unset to use the teacher's")
+  if problem:
+    raise ConfigError(f"distill.teacher={teacher} cannot teach this student: {problem}.")
+
+
 def _train(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> dict:
   workdir_lib.check_compatible(cfg, workdir)
+  if cfg.distill.teacher:
+    check_teacher(cfg)
   run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))  # errors before the data
   prepare_data(cfg, workdir)
   if cfg.train.objective == "masked_lm" or cfg.data.packing == "documents":
     # the mask token, or the eos that ends documents, is the prepared tokenizer's
     run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))
-  train_step, eval_step = run.jit_train_step(), run.jit_eval_step()
+  frozen = builder.frozen_model(cfg.distill.teacher, run)[1] if cfg.distill.teacher else None
+  train_step, eval_step = run.jit_train_step(frozen), run.jit_eval_step()
   # a CPU's peak FLOP/s (for MFU) is measured: before the loader's workers start competing for it
   metrics_lib.peak_flops_total(run.mesh.devices.flatten())
   train_iter = data_lib.make_iterator(cfg, workdir, "train", run.process_rows)

@@ -227,6 +227,8 @@ def check_compatible(cfg, workdir: str, *, every_key: bool = False, hint: str = 
     keys = [k for k in was if not k.startswith("distributed.")]
   else:
     keys = set(config_lib.identity(config_lib.complete(saved))) | set(config_lib.identity(cfg))
+  if not was.get("distill.teacher"):  # a run trained alone (pruned, imported) may go on distilled
+    keys = [k for k in keys if not k.startswith("distill.")]
   diffs = [f"{k}: {was[k]!r} there, {now.get(k)!r} now" for k in sorted(keys)
            if k in was and was[k] != now.get(k)]
   if diffs:

@@ -13,12 +13,12 @@ import errno
 import os
 import sys
 
-from lmjax.commands import (bench, compile, config, convert, coordcheck, eval, finetune, fit, generate,
-                            prepare, sweep, tokenizer, train)
+from lmjax.commands import (bench, compile, config, convert, coordcheck, distill, eval, finetune,
+                            fit, generate, prepare, prune, sweep, tokenizer, train)
 from lmjax.errors import LmjaxError
 
-COMMANDS = {"train": train, "eval": eval, "generate": generate, "prepare": prepare,
-            "tokenizer": tokenizer, "bench": bench, "compile": compile, "convert": convert, "finetune": finetune,
+COMMANDS = {"train": train, "distill": distill, "eval": eval, "generate": generate, "prepare": prepare,
+            "tokenizer": tokenizer, "bench": bench, "compile": compile, "convert": convert, "finetune": finetune, "prune": prune,
             "sweep": sweep, "fit": fit, "coordcheck": coordcheck, "config": config}
 
 

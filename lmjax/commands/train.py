@@ -19,8 +19,11 @@ def run(args, overrides) -> int:
     raise ConfigError("lmjax train needs --config=FILE.py[:VARIANT] (or a --workdir that holds "
                       "a run's config.json, to resume it).")
   cfg = resolve_config(args, overrides)  # config errors surface here, before anything is touched
-  result = train_lib.train(cfg, args.workdir, progress=not args.no_progress)
+  print_sample(train_lib.train(cfg, args.workdir, progress=not args.no_progress))
+  return 0
+
+
+def print_sample(result) -> None:
   if result["stopped_by"] is None and result.get("sample"):
     print(f"\nSample (temperature 0.8, top-p 0.95), prompt {result['sample']['prompt']!r}:\n"
           f"{result['sample']['text']}")
-  return 0

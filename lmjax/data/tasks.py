@@ -11,6 +11,10 @@ fixed rows of data.seq_len, held in memory.
                   loss. Tokens past seq_len + 1 are cut.
   classification  {"text": str, "label": int or str}. Tokens: text cut to seq_len - 1 (counted:
                   stats' "truncated"), eos.
+  dpo             {"prompt": str or messages, "chosen": str, "rejected": str}. Each side is
+                  an SFT example (prompt, response, eos; the loss's tokens are the response's);
+                  a pair's two sides are packed into one row as consecutive segments (chosen
+                  first), each cut to data.seq_len // 2 + 1 tokens.
 
 finetune.val_fraction of the examples (drawn by train.seed) are held out; `eval_batches` yields
 every held-out row once.
@@ -106,30 +110,73 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 def pack_sft(examples: list[tuple[list[int], list[bool]]], seq_len: int) -> tuple[dict, dict]:
   """Examples (ids, is_target) -> rows {inputs, targets, weights, positions, segments} [R, T]
   (segments: 1, 2, ... per example in a row, 0 for padding), and counts."""
+  return pack([[example] for example in examples], seq_len, seq_len + 1)
+
+
+def pack(units: list[list[tuple[list[int], list[bool]]]], seq_len: int,
+         cap: int) -> tuple[dict, dict]:
+  """Units of sequences (ids, is_target), each unit kept in one row (a preference pair: its
+  chosen and rejected sequences), each sequence cut to `cap` tokens and its own segment. A unit
+  with a sequence that has nothing left to predict is dropped."""
   kept, truncated, dropped = [], 0, 0
-  for ids, is_target in examples:
-    if len(ids) > seq_len + 1:
-      ids, is_target, truncated = ids[:seq_len + 1], is_target[:seq_len + 1], truncated + 1
-    if not any(is_target[1:]):  # nothing left to predict
+  for unit in units:
+    truncated += any(len(ids) > cap for ids, _ in unit)
+    unit = [(ids[:cap], is_target[:cap]) for ids, is_target in unit]
+    if not all(any(is_target[1:]) for _, is_target in unit):  # nothing left to predict
       dropped += 1
       continue
-    kept.append((ids, is_target))
-  bins = best_fit([len(ids) - 1 for ids, _ in kept], seq_len)
+    kept.append(unit)
+  bins = best_fit([sum(len(ids) - 1 for ids, _ in unit) for unit in kept], seq_len)
   shape = (len(bins), seq_len)
   rows = {"inputs": np.zeros(shape, np.int32), "targets": np.zeros(shape, np.int32),
           "weights": np.zeros(shape, np.float32), "positions": np.zeros(shape, np.int32),
           "segments": np.zeros(shape, np.int32)}
   for r, members in enumerate(bins):
-    start = 0
-    for segment, i in enumerate(members, 1):
-      ids, is_target = kept[i]
+    start, segment = 0, 0
+    for ids, is_target in (sequence for i in members for sequence in kept[i]):
+      segment += 1
       n, span = len(ids) - 1, slice(start, start + len(ids) - 1)
       rows["inputs"][r, span], rows["targets"][r, span] = ids[:-1], ids[1:]
       rows["weights"][r, span] = is_target[1:]
       rows["positions"][r, span], rows["segments"][r, span] = np.arange(n), segment
       start += n
   return rows, {"examples": len(kept), "truncated": truncated, "dropped": dropped,
-                "rows": len(bins), "target_tokens": int(rows["weights"].sum())}
+                "rows": len(bins), "target_tokens": int(rows["weights"].sum()),
+                "max_segments": int(rows["segments"].max(initial=0))}
+
+
+PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
+
+
+def preference_pair(record: dict, where: str, tokenizer) -> list[tuple[list[int], list[bool]]]:
+  """A preference example -> [chosen, rejected] as (ids, is_target): the prompt, then the
+  response (the target) and eos. The prompt is a string or a conversation (messages, written by
+  the chat template, the response as the assistant's turn); a response is a string or one
+  assistant message."""
+  missing = [k for k in PREFERENCE_KEYS if k not in record]
+  if missing:
+    raise DataError(f"{where}: a preference example needs \"prompt\", \"chosen\" and "
+                    f"\"rejected\"; this one lacks {', '.join(missing)} (keys: {sorted(record)}).")
+  responses = []
+  for key in ("chosen", "rejected"):
+    value = record[key]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+      value = value[0].get("content")
+    if not isinstance(value, str) or not value:
+      raise DataError(f"{where}: \"{key}\" must be a non-empty string (or one assistant "
+                      f"message), got {record[key]!r:.80}.")
+    responses.append(value)
+  if responses[0] == responses[1]:
+    raise DataError(f"{where}: \"chosen\" and \"rejected\" are the same response, so the pair "
+                    "prefers nothing; fix or remove it.")
+  prompt = record["prompt"]
+  if isinstance(prompt, list):
+    sides = [chat.pieces(tokenizer, prompt + [{"role": "assistant", "content": r}], where)
+             for r in responses]
+    return [sft_tokens(pieces, tokenizer, not tokenizer.chat_template) for pieces in sides]
+  if not isinstance(prompt, str):
+    raise DataError(f"{where}: \"prompt\" must be a string or a list of messages.")
+  return [sft_tokens([(prompt, False), (r, True)], tokenizer) for r in responses]
 
 
 def classification_labels(records, num_classes: int) -> tuple[list[int], list[str]]:
@@ -201,21 +248,25 @@ def load_task_data(cfg) -> TaskData:
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   records = read_records(f.data)
   train_idx, val_idx = split_indices(len(records), f.val_fraction, cfg.train.seed)
-  if f.task == "sft":
+  if f.task in ("sft", "dpo"):
     if tokenizer.eos_id < 0:
-      raise DataError(f"The tokenizer {cfg.data.tokenizer} has no eos piece, which SFT appends "
-                      "to every response (to know when to stop).")
-    examples = []
-    for where, record in records:
-      pieces, eos_after_response = sft_segments(record, where, tokenizer)
-      examples.append(sft_tokens(pieces, tokenizer, eos_after_response))
-    train, stats = pack_sft([examples[i] for i in train_idx], cfg.data.seq_len)
-    val, val_stats = pack_sft([examples[i] for i in val_idx], cfg.data.seq_len) if len(
+      raise DataError(f"The tokenizer {cfg.data.tokenizer} has no eos piece, which {f.task} "
+                      "appends to every response (to know when to stop).")
+    if f.task == "sft":
+      units = [[sft_tokens(*sft_segments(record, where, tokenizer), tokenizer)]
+               for where, record in records]
+      cap = cfg.data.seq_len + 1
+    else:  # a pair's two sides share a row
+      units = [preference_pair(record, where, tokenizer) for where, record in records]
+      cap = cfg.data.seq_len // 2 + 1
+    train, stats = pack([units[i] for i in train_idx], cfg.data.seq_len, cap)
+    val, val_stats = pack([units[i] for i in val_idx], cfg.data.seq_len, cap) if len(
         val_idx) else (None, {})
     if not stats["examples"]:
       raise ConfigError(f"No training example of {f.data} has a response token within "
-                        f"data.seq_len + 1 = {cfg.data.seq_len + 1} tokens; raise data.seq_len.")
-    stats = {"train": stats, "val": val_stats}
+                        f"{cap} tokens (data.seq_len={cfg.data.seq_len}); raise data.seq_len.")
+    stats = {"train": stats, "val": val_stats,
+             "max_segments": max(stats["max_segments"], val_stats.get("max_segments", 0))}
     return TaskData(train, val if val_stats.get("examples") else None, stats)
   ids, names = classification_labels(records, f.num_classes)
   rows = encode_classification([record["text"] for _, record in records], tokenizer,
