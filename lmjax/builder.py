@@ -124,12 +124,16 @@ class Run:
 
   def jit_eval_step(self, frozen: Frozen | None = None):
     """(params, batch) -> the objective's sums for the batch, replicated on every device."""
-    evaluate = lambda params, batch, p: self.objective.evaluate(
-        self.forward, params, batch, frozen and Frozen(frozen.forward, p))
-    step = jax.jit(evaluate, in_shardings=(self.state_shardings.params, self.batch_shardings,
-                                           frozen and _shardings_of(frozen.params)),
-                   out_shardings=sharding_lib.replicated(self.mesh))
-    return lambda params, batch: step(params, batch, frozen and frozen.params)
+    replicated = sharding_lib.replicated(self.mesh)
+    if frozen is None:
+      return jax.jit(functools.partial(self.objective.evaluate, self.forward),
+                     in_shardings=(self.state_shardings.params, self.batch_shardings),
+                     out_shardings=replicated)
+    step = jax.jit(lambda params, batch, p: self.objective.evaluate(
+        self.forward, params, batch, Frozen(frozen.forward, p)),
+                   in_shardings=(self.state_shardings.params, self.batch_shardings,
+                                 _shardings_of(frozen.params)), out_shardings=replicated)
+    return lambda params, batch: step(params, batch, frozen.params)
 
 
 def pretraining_objective(cfg, workdir: str | None = None) -> Objective:

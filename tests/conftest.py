@@ -1,6 +1,7 @@
 """Shared helpers: tiny configs, and running code in a subprocess with N simulated CPU devices."""
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -72,3 +73,52 @@ def bucket(tmp_path, monkeypatch):
   fake_gcs.install(str(root))
   yield root
   fake_gcs.uninstall()
+
+
+# --- the small text run that fine-tuning and post-training start from ----------------------------
+# A tiny GPT pretrained (60 steps) on lines of "ANIMAL KEY VALUE" where KEY i is followed by
+# VALUE (i + 3) % 8 (test_finetune, test_posttrain, test_prune).
+
+KEYS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
+VALUES = ["red", "blue", "green", "black", "white", "pink", "gray", "gold"]
+ANIMALS = ["cat", "dog", "horse", "mouse", "tiger", "sheep", "goat", "bear"]
+GROUPS = {"fruit": KEYS, "color": VALUES, "animal": ANIMALS}
+STEPS = 60
+COMMON = ["train.batch_size=8", f"train.steps={STEPS}", "train.log_every=10",
+          "train.eval_every=30", "train.checkpoint_every=30", "optim.warmup_steps=2",
+          "optim.learning_rate=1e-2", "optim.weight_decay=0.0", "data.seq_len=32"]
+LORA = ["finetune.lora_rank=8", "finetune.lora_alpha=16",
+        "finetune.lora_targets=query,key,value,out,up,down"]
+
+
+def write_jsonl(path, records):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def init_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("finetune")
+  rng = random.Random(0)
+  os.makedirs(root / "corpus")
+  for d in range(20):
+    with open(root / "corpus" / f"doc{d}.txt", "w") as f:
+      for _ in range(60):
+        ks = [rng.randrange(8) for _ in range(3)]
+        f.write(" ".join(f"{rng.choice(ANIMALS)} {KEYS[k]} {VALUES[(k + 3) % 8]}"
+                         for k in ks) + "\n")
+  cfg = tiny_config(f"data.source=text:{root}/corpus/*.txt", "model.vocab_size=512",
+                    "data.vocab_size=400", "data.val_fraction=0.1", "data.num_workers=1",
+                    "train.steps=60", "train.eval_every=60", "train.checkpoint_every=60",
+                    "train.log_every=20")
+  from lmjax import train as train_lib
+  train_lib.train(cfg, str(root / "init"), progress=False)
+  sft = write_jsonl(root / "sft.jsonl", [
+      {"prompt": f"{rng.choice(ANIMALS)} {KEYS[i % 8]}", "response": f" {VALUES[i % 8]}"}
+      for i in range(96)])
+  labels = list(GROUPS)
+  cls = write_jsonl(root / "cls.jsonl", [
+      {"text": " ".join(rng.choice(GROUPS[labels[i % 3]]) for _ in range(4)),
+       "label": labels[i % 3]} for i in range(240)])
+  return {"root": root, "init": str(root / "init"), "sft": sft, "cls": cls}

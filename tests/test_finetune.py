@@ -7,13 +7,13 @@ labels texts by the word group they are drawn from (fruit / color / animal: chan
 """
 import json
 import os
-import random
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, run_python, tiny_config
+from conftest import (ANIMALS, COMMON, GROUPS, KEYS, LORA, STEPS, VALUES, run_cli,  # noqa: F401
+                      run_python, tiny_config, write_jsonl)
 
 from lmjax import builder
 from lmjax import checkpoint as ckpt_lib
@@ -21,57 +21,12 @@ from lmjax import config as config_lib
 from lmjax import finetune as ft
 from lmjax import generate
 from lmjax import losses as losses_lib
-from lmjax import train as train_lib
 from lmjax import workdir as workdir_lib
 from lmjax.classifier import load_classifier
 from lmjax.data import tasks
 from lmjax.errors import ConfigError, DataError
 from lmjax.metrics import read_metrics
 from lmjax.trees import flatten
-
-KEYS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
-VALUES = ["red", "blue", "green", "black", "white", "pink", "gray", "gold"]
-ANIMALS = ["cat", "dog", "horse", "mouse", "tiger", "sheep", "goat", "bear"]
-GROUPS = {"fruit": KEYS, "color": VALUES, "animal": ANIMALS}
-STEPS = 60
-COMMON = ["train.batch_size=8", f"train.steps={STEPS}", "train.log_every=10",
-          "train.eval_every=30", "train.checkpoint_every=30", "optim.warmup_steps=2",
-          "optim.learning_rate=1e-2", "optim.weight_decay=0.0", "data.seq_len=32"]
-LORA = ["finetune.lora_rank=8", "finetune.lora_alpha=16",
-        "finetune.lora_targets=query,key,value,out,up,down"]
-
-
-def write_jsonl(path, records):
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
-  return str(path)
-
-
-@pytest.fixture(scope="module")
-def init_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("finetune")
-  rng = random.Random(0)
-  os.makedirs(root / "corpus")
-  for d in range(20):
-    with open(root / "corpus" / f"doc{d}.txt", "w") as f:
-      for _ in range(60):
-        ks = [rng.randrange(8) for _ in range(3)]
-        f.write(" ".join(f"{rng.choice(ANIMALS)} {KEYS[k]} {VALUES[(k + 3) % 8]}"
-                         for k in ks) + "\n")
-  cfg = tiny_config(f"data.source=text:{root}/corpus/*.txt", "model.vocab_size=512",
-                    "data.vocab_size=400", "data.val_fraction=0.1", "data.num_workers=1",
-                    "train.steps=60", "train.eval_every=60", "train.checkpoint_every=60",
-                    "train.log_every=20")
-  train_lib.train(cfg, str(root / "init"), progress=False)
-  sft = write_jsonl(root / "sft.jsonl", [
-      {"prompt": f"{rng.choice(ANIMALS)} {KEYS[i % 8]}", "response": f" {VALUES[i % 8]}"}
-      for i in range(96)])
-  labels = list(GROUPS)
-  cls = write_jsonl(root / "cls.jsonl", [
-      {"text": " ".join(rng.choice(GROUPS[labels[i % 3]]) for _ in range(4)),
-       "label": labels[i % 3]} for i in range(240)])
-  return {"root": root, "init": str(root / "init"), "sft": sft, "cls": cls}
-
 
 def finetune_run(init_run, name, *overrides, stop_at_step=None):
   out = str(init_run["root"] / name)

@@ -12,8 +12,10 @@ from lmjax.metrics import read_metrics
 
 
 def test_every_configurable_objective_has_a_loss():
-  assert set(losses.OBJECTIVES) == (set(config_lib.CHOICES["train.objective"]) |
-                                    set(config_lib.FINETUNE_TASKS))
+  from lmjax import frozen
+  # distill is train.objective=causal_lm with a distill.teacher
+  assert set(losses.OBJECTIVES) | set(frozen.OBJECTIVES) == (
+      set(config_lib.CHOICES["train.objective"]) | set(config_lib.FINETUNE_TASKS) | {"distill"})
 
 
 def label_smoothed_loss(forward, params, batch, rng, deterministic=False):

@@ -11,7 +11,6 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import prune as prune_lib
 from lmjax import workdir as workdir_lib
 from lmjax.errors import ConfigError
-from test_finetune import init_run  # noqa: F401
 from test_posttrain import preference_data
 
 
@@ -114,10 +113,11 @@ def test_a_pruned_text_run_is_an_ordinary_run(init_run, tmp_path):
                 "--target=mlp=32,layers=1", "--calibration_batches=2")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "before pruning" in out.stdout
-  for args in (["eval", f"--workdir={small}"],
-               ["generate", f"--workdir={small}", "--prompt=cat apple", "--max_new_tokens=2"],
-               ["convert", f"--to_hf={root / 'hf'}", f"--workdir={small}"],
-               ["distill", f"--workdir={small}", f"--teacher={run['init']}",
+  from lmjax import generate, hf
+  assert np.isfinite(prune_lib.evaluate(small)["loss"])  # as lmjax eval
+  assert len(generate.generate_text(small, ["cat apple"], max_new_tokens=2)) == 1
+  assert hf.export_hf(small, str(root / "hf"))["step"] == 0
+  for args in (["distill", f"--workdir={small}", f"--teacher={run['init']}",
                 "--config.train.steps=4", "--config.train.eval_every=4", "--no_progress"],
                ["finetune", "--config=configs/finetune.py:sft", f"--workdir={root / 'dpo'}",
                 f"--init={small}", "--config.finetune.task=dpo", "--config.train.steps=2",
