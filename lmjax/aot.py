@@ -293,7 +293,8 @@ def compile_run(cfg, s: Slice, steps=("train", "eval", "decode"), workdir: str |
   """Builds the run `cfg` makes on the slice's devices and compiles `steps` for it."""
   devices = topology_devices(s)
   start = time.perf_counter()
-  run = builder.build(cfg, builder.pretraining_objective(cfg, workdir), devices=devices)
+  run = builder.build(cfg, builder.own_step_objective(cfg, workdir, "lmjax compile"),
+                      devices=devices)
   result = {"slice": s.name, "topology": f"{s.generation}:{s.layout}", "num_slices": s.num_slices,
             "chips": len(devices), "device_kind": devices[0].device_kind,
             "hbm_bytes_per_chip": s.hbm_bytes,

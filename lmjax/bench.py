@@ -115,7 +115,7 @@ def measure_loader(cfg, workdir: str, process_rows=None, batches: int = 50) -> d
 def benchmark(cfg, steps: int = 20, warmup: int = 3, loader: bool = True,
               workdir: str | None = None, loader_batches: int = 50) -> dict:
   """Compile time, step time, tokens/s, MFU, memory (measured, XLA's, estimated), loader speed."""
-  run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))
+  run = builder.build(cfg, builder.own_step_objective(cfg, workdir, "lmjax bench"))
   devices = list(run.mesh.devices.flatten())
   batch = synthetic_batch(run)
   compiled, compile_seconds = compile_train_step(run, batch)

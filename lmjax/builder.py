@@ -143,12 +143,34 @@ def pretraining_objective(cfg, workdir: str | None = None) -> Objective:
   eos_id = eos_for(cfg, workdir) if cfg.data.packing == "documents" else None
   if cfg.get("distill", {}).get("teacher"):
     d = cfg.distill
-    return make_objective("distill", alpha=d.alpha, temperature=d.temperature, kl=d.kl)
+    return make_objective("distill", alpha=d.alpha, temperature=d.temperature, kl=d.kl,
+                          eos_id=eos_id)
   return make_objective(cfg.train.objective, masking=masking, eos_id=eos_id)
+
+
+def own_step_objective(cfg, workdir: str | None = None, what: str = "This command") -> Objective:
+  """pretraining_objective for the commands that compile or time a config's own step (compile,
+  bench): a distillation's step also runs its teacher, which they do not model: refused."""
+  if cfg.get("distill", {}).get("teacher"):
+    raise ConfigError(f"{what} measures a config's own train step, but this one distills from "
+                      f"{cfg.distill.teacher}, whose forward pass it would leave out. Set "
+                      "--config.distill.teacher='' to measure the student alone.")
+  return pretraining_objective(cfg, workdir)
 
 
 def _shardings_of(tree):
   return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def reference_model(run, workdir: str) -> Frozen:
+  """The latest params of the run in `workdir` as a frozen copy of `run`'s own model (same
+  architecture and runtime settings, no adapters), on the shardings of its base params: a
+  preference tuning's reference."""
+  abstract = run.abstract_state.params["model"]
+  with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(workdir),
+                                 read_only=True) as checkpoints:
+    params = checkpoints.restore_params(None, abstract)
+  return Frozen(Forward(run.model), {"model": params})
 
 
 def frozen_model(workdir: str, mesh_of) -> tuple[Any, Frozen]:

@@ -255,8 +255,8 @@ def profile_range(spec: str) -> tuple[int, int] | None:
   return int(start), int(end)
 
 
-def _check_tracking(t: ConfigDict) -> None:
-  profile_range(t.profile_steps)
+def check_tracking_installed(t: ConfigDict) -> None:
+  """Before a loop starts (not when a run's config is read): W&B needs its package."""
   if t.wandb_project and importlib.util.find_spec("wandb") is None:
     raise ConfigError(f"train.wandb_project={t.wandb_project} needs the wandb package: pip "
                       "install 'lmjax[wandb]' (or set train.wandb_project='').")
@@ -322,7 +322,7 @@ def finalize(cfg: ConfigDict) -> ConfigDict:
   _check_mixture(cfg.data)
   _check_finetune(cfg)
   _check_objective(cfg)
-  _check_tracking(cfg.train)
+  profile_range(cfg.train.profile_steps)
   ids = cfg.distributed.local_device_ids
   if ids and not all(part.strip().isdigit() for part in ids.split(",")):
     raise ConfigError(f"distributed.local_device_ids must be comma-separated device numbers "

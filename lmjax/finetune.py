@@ -194,6 +194,7 @@ def finetune(cfg, workdir: str, progress: bool = True, stop_at_step: int | None 
 
 def _finetune(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> dict:
   workdir_lib.check_compatible(cfg, workdir)
+  config_lib.check_tracking_installed(cfg.train)
   data = tasks.load_task_data(cfg)  # every data error before any compilation
   f = cfg.finetune
   objective = make_objective(f.task, num_classes=len(data.labels or ()), pooling=f.pooling,
@@ -203,7 +204,7 @@ def _finetune(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> di
   # DPO's reference: the init model (with LoRA, the base under the adapters: no second copy)
   frozen = None
   if objective.frozen and not f.lora_rank:
-    frozen = builder.frozen_model(f.init, run)[1]
+    frozen = builder.reference_model(run, f.init)
   eval_step = run.jit_eval_step(frozen)
   evaluate = None
   if data.val is not None:

@@ -128,9 +128,9 @@ class Progress:
       self.say(format_train(done, record))
     return record
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
     self.profiler.stop()
-    self.writer.close()
+    self.writer.close(failed)
     if self.bar is not None:
       self.bar.close()
 
@@ -274,7 +274,7 @@ def run_loop(run, workdir: str, train_step, train_iter, evaluate: Callable | Non
                            report, stop_at_step, format_eval)
   except BaseException:
     with contextlib.suppress(Exception):  # (a full disk fails these too) the error in flight
-      _close(report, train_iter)          # is the one to report
+      _close(report, train_iter, failed=True)  # is the one to report
     raise
   _close(report, train_iter)
   final_step = int(jax.device_get(state.step))
@@ -287,9 +287,9 @@ def run_loop(run, workdir: str, train_step, train_iter, evaluate: Callable | Non
   return {"step": final_step, **last, "sample": None, "state": state, "run": run}
 
 
-def _close(report, train_iter) -> None:
+def _close(report, train_iter, failed: bool = False) -> None:
   if report is not None:
-    report.close()
+    report.close(failed)
   if hasattr(train_iter, "close"):
     train_iter.close()
 

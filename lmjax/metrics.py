@@ -120,12 +120,12 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.flush()
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
     if self._wandb is not None:
-      self._wandb.finish()
+      self._wandb.finish(exit_code=1 if failed else 0)  # a failed run shows as failed in W&B
       self._wandb = None
 
 
@@ -163,7 +163,7 @@ class Profiler:
     """Before step `step` runs: starts the trace at the first step in the range."""
     if self.range and not self.active and self.range[0] <= step <= self.range[1]:
       jax.profiler.start_trace(self.workdir)
-      self.active, self.first = True, step
+      self.active, self.first, self.last = True, step, step
 
   def stop(self, step: int | None = None, outputs=None) -> bool:
     """After step `step` was dispatched: at the range's end, waits for its `outputs` and writes

@@ -81,7 +81,7 @@ def importance(run, params, batches) -> dict:
   c = run.model.cfg
 
   def stats(params, tokens_BT1):
-    _, state = run.model.apply({"params": params}, tokens_BT1[:, :-1],
+    _, state = run.model.apply({"params": params}, tokens_BT1[:, :-1], return_hidden=True,
                                mutable=["intermediates"])
     inter = state["intermediates"]
     get = {"heads": lambda t: t["attn"]["head_norm"][0], "mlp": lambda t: t["mlp"]["mlp_abs"][0],
@@ -158,6 +158,9 @@ def pruned_config(cfg, workdir: str, target: dict):
   """The smaller run's config: the same model but the pruned sizes (head_dim kept), reading the
   source run's tokenizer and prepared data."""
   out = config_lib.ConfigDict(cfg.to_dict())
+  defaults = config_lib.default_config()
+  out.finetune, out.distill = defaults.finetune, defaults.distill  # a run of its own now
+  out.train.wandb_project, out.train.profile_steps = "", ""
   m, group = out.model, cfg.model.num_heads // cfg.model.num_kv_heads
   m.head_dim, m.num_heads = cfg.model.head_dim, target["heads"]
   m.num_kv_heads, m.mlp_dim, m.num_layers = target["heads"] // group, target["mlp"], target["layers"]
@@ -175,12 +178,12 @@ def prune(workdir: str, out: str, target_spec: str, calibration_batches: int = 8
   check_mesh(cfg, target)
   workdir_lib.require_new(out)
   new_cfg = pruned_config(cfg, workdir, target)
+  small = builder.build(new_cfg, builder.pretraining_objective(new_cfg))  # its errors first
   cfg, run, params, step = builder.load_params(workdir)
   iterator = data_lib.make_iterator(cfg, workdir, "train", run.process_rows)
   batches = [next(iterator) for _ in range(calibration_batches)]
   getattr(iterator, "close", lambda: None)()
   kept = choose(importance(run, params, batches), cfg.model, target)
-  small = builder.build(new_cfg, builder.pretraining_objective(new_cfg))
   host = pruned_params(params, cfg.model, kept)
   placed = builder.place(host, small.abstract_state.params)
   with ckpt_lib.open_checkpoints(workdir_lib.checkpoint_dir(out),

@@ -4,9 +4,10 @@
 """
 from __future__ import annotations
 
-import os
+from etils import epath
 
 from lmjax import builder
+from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import evaluate as evaluate_lib
 from lmjax import generate
@@ -65,25 +66,29 @@ def check_teacher(cfg) -> None:
     problem = (f"its context (model.max_len={t.model.max_len}) is shorter than the student's "
                f"data.seq_len={cfg.data.seq_len}")
   elif cfg.data.source != "synthetic":
-    mine, theirs = cfg.data.tokenizer, workdir_lib.tokenizer_path(t, teacher)
-    if not os.path.exists(mine) or not os.path.exists(theirs) or (
-        tokenizer_sha256(mine) != tokenizer_sha256(theirs)):
-      problem = (f"the student's tokenizer {mine} is not the teacher's ({theirs}): leave "
-                 "data.tokenizer unset to use the teacher's")
+    mine, theirs = workdir_lib.tokenizer_path(cfg, ""), workdir_lib.tokenizer_path(t, teacher)
+    if not cfg.data.tokenizer or not epath.Path(mine).exists() or not epath.Path(
+        theirs).exists() or tokenizer_sha256(mine) != tokenizer_sha256(theirs):
+      problem = (f"the student's tokenizer ({cfg.data.tokenizer or 'its own, to be trained'}) "
+                 f"is not the teacher's ({theirs}): leave data.tokenizer unset to use the "
+                 "teacher's")
   if problem:
     raise ConfigError(f"distill.teacher={teacher} cannot teach this student: {problem}.")
 
 
 def _train(cfg, workdir: str, progress: bool, stop_at_step: int | None) -> dict:
-  workdir_lib.check_compatible(cfg, workdir)
   if cfg.distill.teacher:
+    cfg = with_teacher(cfg)
     check_teacher(cfg)
+  workdir_lib.check_compatible(cfg, workdir)
+  config_lib.check_tracking_installed(cfg.train)
   run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))  # errors before the data
+  # the teacher's params on the student's mesh, before the data (its errors first)
+  frozen = builder.frozen_model(cfg.distill.teacher, run)[1] if cfg.distill.teacher else None
   prepare_data(cfg, workdir)
   if cfg.train.objective == "masked_lm" or cfg.data.packing == "documents":
     # the mask token, or the eos that ends documents, is the prepared tokenizer's
     run = builder.build(cfg, builder.pretraining_objective(cfg, workdir))
-  frozen = builder.frozen_model(cfg.distill.teacher, run)[1] if cfg.distill.teacher else None
   train_step, eval_step = run.jit_train_step(frozen), run.jit_eval_step()
   # a CPU's peak FLOP/s (for MFU) is measured: before the loader's workers start competing for it
   metrics_lib.peak_flops_total(run.mesh.devices.flatten())

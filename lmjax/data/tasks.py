@@ -253,8 +253,10 @@ def load_task_data(cfg) -> TaskData:
       raise DataError(f"The tokenizer {cfg.data.tokenizer} has no eos piece, which {f.task} "
                       "appends to every response (to know when to stop).")
     if f.task == "sft":
-      units = [[sft_tokens(*sft_segments(record, where, tokenizer), tokenizer)]
-               for where, record in records]
+      units = []
+      for where, record in records:
+        pieces, eos_after_response = sft_segments(record, where, tokenizer)
+        units.append([sft_tokens(pieces, tokenizer, eos_after_response)])
       cap = cfg.data.seq_len + 1
     else:  # a pair's two sides share a row
       units = [preference_pair(record, where, tokenizer) for where, record in records]
