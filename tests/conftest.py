@@ -14,6 +14,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The longest tests (a minute or more on a 2-core machine: TPU compiles, several processes) go
+# first, so that `pytest -n 2` does not end with one worker running a long test alone.
+SLOW_FIRST = ("test_compile.py::test_the_estimate", "test_attention.py::test_splash_compiles",
+              "test_multihost.py::test_fine_tuning", "test_multihost.py::test_every_mesh",
+              "test_multihost.py::test_hosts", "test_multihost.py::test_two_processes",
+              "test_multihost.py::test_sigterm", "test_sharding.py::test_meshes",
+              "test_attention.py::test_the_model_with_splash", "test_attention.py::test_splash_shards",
+              "test_reliability.py::test_kill_9", "test_mixture.py::test_two_processes",
+              "test_compile.py::test_compile_reports")
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: next((i for i, name in enumerate(SLOW_FIRST) if name in item.nodeid),
+                           len(SLOW_FIRST))
+  items.sort(key=rank)  # stable: the rest keep their order
+
 TINY = [
     "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.mlp_dim=64",
     "model.vocab_size=64", "model.max_len=32", "data.seq_len=16", "train.batch_size=8",

@@ -1,6 +1,7 @@
 """Post-training with a second, frozen model: distillation (a teacher) and DPO (a reference),
 from the small "ANIMAL KEY VALUE" run of test_finetune (its base answers KEY i with VALUE i + 3)."""
 import math
+import os
 import random
 
 import flax.linen as nn
@@ -115,6 +116,14 @@ def test_a_teacher_of_another_vocabulary_or_no_run_is_refused(init_run, tmp_path
   with pytest.raises(ConfigError, match="vocabulary has 512 entries .* the student's 256"):
     train_lib.train(train_lib.with_teacher(cfg), str(tmp_path / "student"), progress=False)
   assert not (tmp_path / "student").exists()  # refused before anything was written
+  other = tmp_path / "other.model"  # another tokenizer (here: the teacher's, one byte changed)
+  data = bytearray(open(os.path.join(init_run["init"], "data", "tokenizer.model"), "rb").read())
+  data[-1] ^= 1
+  other.write_bytes(bytes(data))
+  cfg = tiny_config(f"data.source=text:{init_run['root']}/corpus/*.txt", *STUDENT,
+                    f"data.tokenizer={other}", f"distill.teacher={init_run['init']}")
+  with pytest.raises(ConfigError, match="is not the teacher's"):
+    train_lib.train(cfg, str(tmp_path / "student"), progress=False)
 
 
 # --- DPO ----------------------------------------------------------------------------------------
