@@ -11,6 +11,15 @@ import pytest
 # Tests run on the CPU, also where libtpu (the test extra's TPU compiler) or a GPU is installed;
 # their subprocesses inherit this.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile the same small programs many times, here and in the processes they start:
+# JAX's persistent compilation cache (keyed by the program, the devices, flags and versions, so a
+# hit is the same executable) compiles each once. LMJAX_TEST_JAX_CACHE="" turns it off.
+_CACHE = os.environ.setdefault("LMJAX_TEST_JAX_CACHE", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_test_cache"))
+if _CACHE:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
