@@ -27,5 +27,6 @@ def run(args, overrides) -> int:
   if not args.no_eval:
     before, after = prune.evaluate(args.workdir), prune.evaluate(args.out)
     print(f"val loss {before['loss']:.4f} before pruning, {after['loss']:.4f} after. "
-          f"`lmjax distill --workdir={args.out} --teacher={args.workdir}` recovers it.")
+          f"`lmjax distill --workdir={args.out} --teacher={args.workdir}` trains it toward the "
+          "unpruned model.")
   return 0
