@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The longest tests (a minute or more on a 2-core machine: TPU compiles, several processes) go
 # first, so that `pytest -n 2` does not end with one worker running a long test alone.
-SLOW_FIRST = ("test_compile.py::test_the_estimate", "test_attention.py::test_splash_compiles",
+SLOW_FIRST = ("test_attention.py::test_splash_compiles",
               "test_multihost.py::test_fine_tuning", "test_multihost.py::test_every_mesh",
               "test_multihost.py::test_hosts", "test_multihost.py::test_two_processes",
               "test_multihost.py::test_sigterm", "test_sharding.py::test_meshes",

@@ -121,7 +121,6 @@ TEXT = ["--config=configs/quickstart.py", "--no_progress", "--config.model.num_l
         "--config.train.eval_batches=2", "--config.train.checkpoint_every=4",
         "--config.optim.warmup_steps=2", "--config.train.sample_prompt=", "--config.data.num_workers=1"]
 MESHES = {  # 2 processes x 2 devices: each mesh has an axis outside the batch spanning both
-    "tensor=4": ["--config.mesh.data=1", "--config.mesh.tensor=4"],
     "fsdp=4": ["--config.mesh.data=1", "--config.mesh.fsdp=4"],
     "data=2,tensor=2 (tensor across processes)": ["--config.mesh.data=2", "--config.mesh.tensor=2",
                                                   "--config.mesh.dcn_tensor=2"],
@@ -207,8 +206,9 @@ def test_fine_tuning_on_meshes_across_processes(reference, tmp_path):
             "--config.train.steps=4", "--config.train.batch_size=8", "--config.train.log_every=1",
             "--config.train.eval_every=4", "--config.data.seq_len=32",
             "--config.optim.warmup_steps=1"]
-  cases = {"classification": (["--config.mesh.data=1", "--config.mesh.fsdp=4"], "kinds"),
-           "sft": (MESHES["data=2,tensor=2 (tensor across processes)"], "sft")}
+  # (SFT on a tensor axis across processes was here too; pretraining covers that mesh above, and
+  # CI's time limit took it out)
+  cases = {"classification": (["--config.mesh.data=1", "--config.mesh.fsdp=4"], "kinds")}
   for task, (mesh, data) in cases.items():
     args = [a.replace("TASK", task) for a in common] + [
         f"--config.finetune.data={tmp_path / data}.jsonl"]
