@@ -134,7 +134,8 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("mode,devices", [("fsdp_tensor", 8), ("fewer_devices", 2)])
+# (restoring onto fewer devices: test_multihost's 2-process checkpoint restored on 1 device)
+@pytest.mark.parametrize("mode,devices", [("fsdp_tensor", 8)])
 def test_restore_onto_another_mesh(tmp_path, mode, devices):
   import os
   code = RESHARD.replace("TESTS", repr(os.path.dirname(__file__))).replace(
