@@ -104,6 +104,11 @@ class Run:
   def train_step(self, frozen: Frozen | None = None):
     """The pure (state, batch) -> (state, metrics) of this run's objective and optimizer (with
     the frozen model's params as they are inside a jitted step)."""
+    if self.cfg.model.quantize != "none":
+      raise ConfigError(f"this run's weights are quantized (model.quantize={self.cfg.model.quantize}"
+                        ", written by `lmjax quantize`): it serves eval, generate and serve but "
+                        "cannot be trained. Train or fine-tune the run it was quantized from, "
+                        "then quantize again.")
     return make_train_step(self.objective.train_loss(self.forward, frozen), self.optimizer,
                            self.schedule, self.cfg.optim.accumulation_steps,
                            self.objective.prepare)

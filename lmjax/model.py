@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax import config as config_lib
+from lmjax import quantize
 from lmjax.ops import attention, cudnn_attention, gelu, rope, splash_attention, swiglu
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -54,6 +55,8 @@ class ModelConfig:
   loss_chunk: int  # positions per chunk of the LM head + cross-entropy (losses.py); 0 = all
   parametrization: str  # sp | mup (maximal update parametrization; see width_mult)
   mup_base_width: int  # mup: the d_model at which the hyperparameters were tuned
+  quantize: str  # none | int8 | int4: the projections' weights (quantize.py)
+  quant_group: int  # int4: inputs per scale along the contracting axis
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -136,8 +139,11 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x):
     dt, pdt = DTYPES[self.cfg.dtype], DTYPES[self.cfg.param_dtype]
-    kernel = self.param("kernel", _init(self.std, self.axes), self.shape, pdt)
-    y = jnp.einsum(self.equation, x.astype(dt), kernel.astype(dt))
+    if self.cfg.quantize != "none":  # weight-only quantized (quantize.py): dequantized here
+      kernel = quantize.declare(self, self.shape, self.axes, self.equation, dt)
+    else:
+      kernel = self.param("kernel", _init(self.std, self.axes), self.shape, pdt).astype(dt)
+    y = jnp.einsum(self.equation, x.astype(dt), kernel)
     if self.has_variable("lora", "a"):  # LoRA (lora.py): + x a b; a [in..., R], b [R, out...]
       a, b = self.get_variable("lora", "a"), self.get_variable("lora", "b")  # b carries the scale
       xa = jnp.tensordot(x.astype(dt), a.astype(dt), a.ndim - 1)

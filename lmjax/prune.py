@@ -154,20 +154,27 @@ def pruned_params(params, c, kept: dict) -> dict:
   return out
 
 
-def pruned_config(cfg, workdir: str, target: dict):
-  """The smaller run's config: the same model but the pruned sizes (head_dim kept), reading the
-  source run's tokenizer and prepared data."""
+def derived_config(cfg, workdir: str, **model_changes):
+  """The config of a run made from `workdir`'s (pruned, quantized): a run of its own (no
+  fine-tuning, distillation or tracking keys), the model keys changed, reading the source run's
+  tokenizer and prepared data."""
   out = config_lib.ConfigDict(cfg.to_dict())
   defaults = config_lib.default_config()
-  out.finetune, out.distill = defaults.finetune, defaults.distill  # a run of its own now
+  out.finetune, out.distill = defaults.finetune, defaults.distill
   out.train.wandb_project, out.train.profile_steps = "", ""
-  m, group = out.model, cfg.model.num_heads // cfg.model.num_kv_heads
-  m.head_dim, m.num_heads = cfg.model.head_dim, target["heads"]
-  m.num_kv_heads, m.mlp_dim, m.num_layers = target["heads"] // group, target["mlp"], target["layers"]
+  out.model.update(model_changes)
   if cfg.data.source != "synthetic":
     out.data.tokenizer = workdir_lib.absolute(workdir_lib.tokenizer_path(cfg, workdir))
     out.data.prepared_dir = workdir_lib.absolute(workdir_lib.prepared_dir(cfg, workdir))
   return config_lib.finalize(out)
+
+
+def pruned_config(cfg, workdir: str, target: dict):
+  """The smaller run's config: the same model but the pruned sizes (head_dim kept)."""
+  group = cfg.model.num_heads // cfg.model.num_kv_heads
+  return derived_config(cfg, workdir, head_dim=cfg.model.head_dim, num_heads=target["heads"],
+                        num_kv_heads=target["heads"] // group, mlp_dim=target["mlp"],
+                        num_layers=target["layers"])
 
 
 def prune(workdir: str, out: str, target_spec: str, calibration_batches: int = 8) -> dict:

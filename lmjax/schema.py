@@ -16,6 +16,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.attention": ("auto", "xla", "splash", "cudnn"),
     "model.parametrization": ("sp", "mup"),
+    "model.quantize": ("none", "int8", "int4"),
     "model.dtype": DTYPE_NAMES,
     "model.param_dtype": DTYPE_NAMES,
     "data.tokenizer_type": ("bpe", "unigram", "byte_bpe"),
@@ -39,7 +40,7 @@ RANGES = {
     "model.num_kv_heads": ">=0", "model.head_dim": ">=0", "model.mlp_dim": ">=1",
     "model.vocab_size": ">=2", "model.max_len": ">=1", "model.rope_theta": ">0",
     "model.norm_eps": ">0", "model.init_std": ">0", "model.dropout": "[0,1)",
-    "model.mup_base_width": ">=0", "model.loss_chunk": ">=0",
+    "model.mup_base_width": ">=0", "model.quant_group": ">=2", "model.loss_chunk": ">=0",
     "data.seq_len": ">=1", "data.vocab_size": ">=0", "data.tokenizer_sample_bytes": ">=1",
     "data.max_bytes": ">=0", "data.val_fraction": "[0,1)", "data.shard_tokens": ">=1",
     "data.num_workers": ">=0", "data.prefetch": ">=0",
@@ -104,6 +105,10 @@ def _model() -> ConfigDict:
   # d_model = mup_base_width transfer to other widths; see model.ModelConfig.width_mult)
   s.parametrization = "sp"
   s.mup_base_width = 0
+  # weight-only quantized projections, written by `lmjax quantize` (such a run is not trained):
+  # none | int8 (per output channel) | int4 (group-wise, quant_group inputs per scale, packed)
+  s.quantize = "none"
+  s.quant_group = 128
   return s
 
 

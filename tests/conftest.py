@@ -122,7 +122,7 @@ def write_jsonl(path, records):
   return str(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def init_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("finetune")
   rng = random.Random(0)

@@ -22,14 +22,14 @@ PACKAGE = os.path.join(ROOT, "lmjax")
 LAYERS = {
     "lmjax": 1, "lmjax.errors": 1, "lmjax.schema": 1, "lmjax.config": 1,
     "lmjax.ops": 2, "lmjax.model": 2, "lmjax.flops": 2, "lmjax.trees": 2, "lmjax.lora": 2,
-    "lmjax.masking": 2, "lmjax.losses": 2, "lmjax.frozen": 2, "lmjax.optim": 2, "lmjax.step": 2, "lmjax.decode": 2,
+    "lmjax.masking": 2, "lmjax.losses": 2, "lmjax.frozen": 2, "lmjax.optim": 2, "lmjax.step": 2, "lmjax.decode": 2, "lmjax.quantize": 2,
     "lmjax.scaling": 2, "lmjax.scaling.law": 2, "lmjax.scaling.lbfgs": 2,
     "lmjax.scaling.report": 2,
     "lmjax.sharding": 3, "lmjax.distributed": 3,
     "lmjax.workdir": 4, "lmjax.checkpoint": 4, "lmjax.data": 4, "lmjax.builder": 4,
-    "lmjax.loop": 4, "lmjax.metrics": 4, "lmjax.evaluate": 4, "lmjax.lock": 4,
+    "lmjax.loop": 4, "lmjax.metrics": 4, "lmjax.evaluate": 4, "lmjax.lock": 4, "lmjax.engine": 4,
     "lmjax.train": 5, "lmjax.finetune": 5, "lmjax.fit": 5, "lmjax.cli": 5, "lmjax.classifier": 5, "lmjax.generate": 5,
-    "lmjax.hf": 5, "lmjax.bench": 5, "lmjax.aot": 5, "lmjax.memory": 5, "lmjax.mup": 5, "lmjax.prune": 5, "lmjax.sweep": 5,
+    "lmjax.hf": 5, "lmjax.bench": 5, "lmjax.aot": 5, "lmjax.memory": 5, "lmjax.mup": 5, "lmjax.prune": 5, "lmjax.compress": 5, "lmjax.server": 5, "lmjax.harness": 5, "lmjax.sweep": 5,
     "lmjax.plotting": 5, "lmjax.scaling.plots": 5, "lmjax.commands": 5, "lmjax.__main__": 5,
 }
 # where the few prints of the library live: progress lines (process 0) and the commands' output

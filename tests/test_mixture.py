@@ -132,7 +132,7 @@ def test_a_source_prepared_with_another_tokenizer_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   data_lib.prepare(cfg, workdir)
   # a tokenizer trained on other text replaces the mixture's: every source's shards now disagree
-  other = mixture_config(f"x:1:text:{tmp_path}/txt/doc_00*.txt", "data.vocab_size=380")
+  other = mixture_config(f"x:1:text:{tmp_path}/txt/doc_00*.txt")
   from lmjax.data import tokenizer
   path = tokenizer.train_tokenizer(other, str(tmp_path / "other" / "tokenizer"))
   (tmp_path / "run" / "data" / "tokenizer.model").write_bytes(open(path, "rb").read())

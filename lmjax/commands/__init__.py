@@ -14,11 +14,12 @@ import os
 import sys
 
 from lmjax.commands import (bench, compile, config, convert, coordcheck, distill, eval, finetune,
-                            fit, generate, prepare, prune, sweep, tokenizer, train)
+                            fit, generate, prepare, prune, quantize, serve, sweep, tokenizer,
+                            train)
 from lmjax.errors import LmjaxError
 
 COMMANDS = {"train": train, "distill": distill, "eval": eval, "generate": generate, "prepare": prepare,
-            "tokenizer": tokenizer, "bench": bench, "compile": compile, "convert": convert, "finetune": finetune, "prune": prune,
+            "tokenizer": tokenizer, "bench": bench, "compile": compile, "convert": convert, "finetune": finetune, "prune": prune, "quantize": quantize, "serve": serve,
             "sweep": sweep, "fit": fit, "coordcheck": coordcheck, "config": config}
 
 

@@ -120,6 +120,10 @@ def _check_exportable(cfg, workdir: str) -> None:
   if not cfg.model.causal:
     raise ConversionError(f"The run in '{workdir}' is a bidirectional encoder (model.causal="
                           "False); export writes causal GPT-2 / Llama checkpoints only.")
+  if cfg.model.quantize != "none":
+    raise ConversionError(f"The run in '{workdir}' is quantized (model.quantize="
+                          f"{cfg.model.quantize}); export writes float checkpoints: export the run "
+                          "it was quantized from.")
   if cfg.model.parametrization == "mup":  # transformers has no muP multipliers
     raise ConversionError(f"The run in '{workdir}' uses muP (model.parametrization=mup): its logit "
                           "multiplier and 1/head_dim attention scale have no place in a GPT-2 / "
