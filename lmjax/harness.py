@@ -12,6 +12,7 @@ Importing this module registers the model as "lmjax" with lm-eval, so
 """
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401 - lm-eval's own models register first (a lazy registry)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval import utils as lm_utils
@@ -114,7 +115,7 @@ class LmjaxLM(LM):
 
 
 def evaluate(workdir: str, tasks: list[str], include_path: str = "", num_fewshot=None,
-             limit=None, batch_size: int = 16) -> dict:
+             limit=None, batch_size: int = 16, log_samples: bool = False) -> dict:
   """lm-eval's simple_evaluate on the run: its results dict (per-task metrics under
   "results")."""
   import lm_eval
@@ -122,4 +123,4 @@ def evaluate(workdir: str, tasks: list[str], include_path: str = "", num_fewshot
   manager = TaskManager(include_path=include_path or None)
   return lm_eval.simple_evaluate(model=LmjaxLM(workdir, batch_size), tasks=tasks,
                                  num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                 log_samples=False)
+                                 log_samples=log_samples)

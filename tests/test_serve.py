@@ -268,3 +268,25 @@ def test_lmjax_eval_tasks_command(runs, tmp_path, monkeypatch, capsys):
                        f"--include_path={tmp_path}", "--limit=4"]) == 0
   line = capsys.readouterr().out.strip().splitlines()[-1]
   assert 0 <= json.loads(line)["tasks"]["lmjax_pairs"]["acc,none"] <= 1
+
+
+def test_lm_eval_local_completions_against_the_server_equals_the_adapter(served, runs, tmp_path,
+                                                                        monkeypatch):
+  """lm-eval's own OpenAI-API model, with the server's remote tokenizer: the same per-example
+  log-likelihoods as the in-process adapter."""
+  lm_eval = pytest.importorskip("lm_eval")
+  pytest.importorskip("tenacity")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  from lm_eval.tasks import TaskManager
+  from lmjax import harness
+  lm_eval_task(tmp_path)
+  manager = TaskManager(include_path=str(tmp_path))
+  remote = lm_eval.simple_evaluate(
+      model="local-completions", model_args=f"base_url={served['url']}/v1/completions,"
+      "tokenizer_backend=remote,num_concurrent=2,max_retries=1,tokenized_requests=True",
+      tasks=["lmjax_pairs"], task_manager=manager, limit=4, log_samples=True)
+  local = harness.evaluate(runs["float"], ["lmjax_pairs"], str(tmp_path), limit=4,
+                           log_samples=True)
+  resps = lambda out: [r[0][0] for s in out["samples"]["lmjax_pairs"] for r in s["resps"]]  # noqa
+  assert np.allclose(resps(remote), resps(local), atol=1e-3)
+  assert remote["results"]["lmjax_pairs"]["acc,none"] == local["results"]["lmjax_pairs"]["acc,none"]
