@@ -3,15 +3,15 @@
   python benchmarks/quantized.py RUN [RUN_INT8 RUN_INT4 ...] [--tokens 64] [--batch 1] [--repeats 3]
 
 For each run (made by `lmjax quantize` from the first): the bytes of its params in memory and of
-its latest checkpoint on disk, its validation loss (as `lmjax eval` computes it), and greedy
+a params-only Orbax checkpoint of them, its validation loss (as `lmjax eval` computes it), and greedy
 decode tokens/s (decode.generate, one jitted loop; the first call compiles and is not timed;
 the runs alternate across repeats and the median is kept). Prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
+import tempfile
 import time
 
 
@@ -24,12 +24,14 @@ def main():
   args = p.parse_args()
   import jax
   from lmjax import builder, compress, decode, prune
-  from lmjax import workdir as workdir_lib
+  from lmjax import checkpoint as ckpt_lib
   loaded = {}
   for run in args.runs:
     cfg, r, params, step = builder.load_params(run)
-    step_dir = os.path.join(workdir_lib.checkpoint_dir(run), str(step))
-    loaded[run] = (cfg, r, params, compress.directory_bytes(os.path.join(step_dir, "state")))
+    with tempfile.TemporaryDirectory() as tmp:  # params alone, as Orbax writes them, for all
+      with ckpt_lib.open_checkpoints(tmp, 1) as checkpoints:
+        checkpoints.save_params(step, params)
+      loaded[run] = (cfg, r, params, compress.directory_bytes(tmp))
   prompt = [[1] + [5] * 7] * args.batch
   times = {run: [] for run in args.runs}
   for run in args.runs:  # compile

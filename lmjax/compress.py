@@ -84,8 +84,7 @@ def quantize_run(workdir: str, out: str, bits: int, group: int = 128) -> dict:
   if jax.process_index() == 0:  # config.json last: its presence means the run is whole
     workdir_lib.write_config(new_cfg, out)
   sizes = {"params_bytes_before": nbytes(params), "params_bytes_after": nbytes(placed),
-           "checkpoint_bytes_before": directory_bytes(workdir_lib.checkpoint_dir(workdir)),
-           "checkpoint_bytes_after": directory_bytes(workdir_lib.checkpoint_dir(out)),
+           "checkpoint_bytes": directory_bytes(workdir_lib.checkpoint_dir(out)),
            "kernels": count, "step": step}
   log(f"Quantized {count} projection kernels of {workdir} (step {step}) to {kind}"
       f"{f' in groups of {group}' if kind == 'int4' else ' per output channel'} in {out}: "

@@ -242,4 +242,4 @@ def check_compatible(cfg, workdir: str, *, every_key: bool = False, hint: str = 
 def require_new(workdir: str) -> None:
   """Refuses a workdir that already holds a run (an import must not mix with one)."""
   if has_run(workdir) or has_checkpoint(workdir):
-    raise ConfigError(f"'{workdir}' already holds an lmjax run; import into a new --workdir.")
+    raise ConfigError(f"'{workdir}' already holds an lmjax run; write into a new directory.")

@@ -81,6 +81,20 @@ def test_quantized_runs_are_smaller_close_in_loss_and_refuse_training(runs):
     export_hf(runs["int8"], str(runs["root"] / "hf"))
 
 
+def test_the_quantize_command(runs, tmp_path, capsys):
+  from lmjax import commands
+  out = tmp_path / "q"
+  assert commands.run(["quantize", f"--workdir={runs['float']}", f"--out={out}", "--bits=4",
+                       "--group_size=8"]) == 0
+  printed = capsys.readouterr()
+  assert "before quantization" in printed.out and "Quantized 12 projection kernels" in printed.out
+  from lmjax.errors import ConfigError
+  with pytest.raises(ConfigError, match="already holds"):  # an existing run is never overwritten
+    commands.run(["quantize", f"--workdir={runs['float']}", f"--out={out}", "--bits=8"])
+  with pytest.raises(ConfigError, match="already quantized"):
+    commands.run(["quantize", f"--workdir={out}", f"--out={tmp_path / 'again'}", "--bits=8"])
+
+
 def test_int4_packing_round_trips():
   from lmjax import quantize
   rng = np.random.default_rng(0)

@@ -24,8 +24,7 @@ def run(args, overrides) -> int:
     raise ConfigError(f"--group_size must be an even number >= 2, got {args.group_size}.")
   distributed.initialize_distributed(workdir_lib.load_config(args.workdir))
   sizes = compress.quantize_run(args.workdir, args.out, args.bits, args.group_size)
-  print(f"checkpoint {sizes['checkpoint_bytes_before'] / 2**20:.2f} MiB -> "
-        f"{sizes['checkpoint_bytes_after'] / 2**20:.2f} MiB")
+  print(f"checkpoint of the quantized run: {sizes['checkpoint_bytes'] / 2**20:.2f} MiB")
   if not args.no_eval:
     before, after = prune.evaluate(args.workdir), prune.evaluate(args.out)
     print(f"val loss {before['loss']:.4f} before quantization, {after['loss']:.4f} after "
