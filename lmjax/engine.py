@@ -60,8 +60,8 @@ def _top(logits_BV):
 def _choose(logits_BV, keys_B, step, temperature_B, top_p_B, vocab):
   """Per-row sampling: greedy where temperature is 0, else temperature + nucleus (top_p); ids
   from `vocab` on (a model's padded vocabulary past the tokenizer's) are never chosen."""
+  logp_BV, top_vals, top_ids = _top(logits_BV)  # the model's own, as `score` reports them
   logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab, logits_BV, -jnp.inf)
-  logp_BV, top_vals, top_ids = _top(logits_BV)
   scaled = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
   filtered = decode.filter_top_k_top_p(scaled, jnp.int32(0), top_p_B[:, None])
   keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)

@@ -32,16 +32,8 @@ from lmjax import engine as engine_lib
 from lmjax import workdir as workdir_lib
 from lmjax.data import chat as chat_lib
 from lmjax.errors import ConfigError, LmjaxError
-
-COMPLETION_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
-                   "logprobs", "echo", "stream", "user", "stream_options"}
-CHAT_KEYS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-             "stop", "seed", "n", "stream", "user", "stream_options", "logprobs", "top_logprobs"}
-
-
-class BadRequest(Exception):
-  pass
-
+from lmjax.openai_api import (CHAT_KEYS, COMPLETION_KEYS, BadRequest, Choice, logprobs_block,
+                              piece, sampling, token_prompts, usage)
 
 def load(workdir: str, chat_template: str = "", max_batch: int = 16):
   """(engine, tokenizer, model name) of the run in `workdir`; errors before the server starts."""
@@ -63,94 +55,6 @@ def load(workdir: str, chat_template: str = "", max_batch: int = 16):
   _, run, params, _ = builder.load_params(workdir)
   return engine_lib.Engine(run.model, params, tokenizer.eos_id, min(tokenizer.vocab_size,
                            cfg.model.vocab_size), max_batch), tokenizer
-
-
-def _number(body, key, default, low, high, kind=float):
-  value = body.get(key, default)
-  if value is None:
-    value = default
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-      kind is int and value != int(value)):
-    raise BadRequest(f"'{key}' must be a{'n integer' if kind is int else ' number'}, got "
-                     f"{json.dumps(value)}.")
-  if not low <= value <= high:
-    raise BadRequest(f"'{key}' must be in [{low}, {high}], got {value}.")
-  return kind(value)
-
-
-def _prompts(prompt, tokenizer) -> list[list[int]]:
-  """The OpenAI `prompt` forms: a string, a list of strings, token ids, a list of token ids."""
-  if isinstance(prompt, str):
-    prompt = [prompt]
-  if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-    prompt = [prompt]
-  if not isinstance(prompt, list) or not prompt:
-    raise BadRequest("'prompt' must be a string, a list of strings, a list of token ids or a "
-                     "list of such lists.")
-  out = []
-  for p in prompt:
-    if isinstance(p, str):
-      out.append(tokenizer.encode_prompt(p))
-    elif isinstance(p, list) and p and all(isinstance(t, int) and 0 <= t < tokenizer.vocab_size
-                                           for t in p):
-      out.append(list(p))
-    else:
-      raise BadRequest(f"every prompt must be a string or a non-empty list of token ids in "
-                       f"[0, {tokenizer.vocab_size}).")
-  return out
-
-
-def _stops(body) -> list[str]:
-  stop = body.get("stop") or []
-  stop = [stop] if isinstance(stop, str) else stop
-  if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(
-      stop) > 4:
-    raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings.")
-  return stop
-
-
-def sampling(body, keys: set, max_len: int) -> dict:
-  """The request's decoding settings, checked (BadRequest says what is wrong)."""
-  unknown = sorted(set(body) - keys)
-  if unknown:
-    raise BadRequest(f"unknown parameter(s) {unknown}; this server takes {sorted(keys)}.")
-  return {"max_tokens": _number(body, "max_tokens", body.get("max_completion_tokens", 16), 0,
-                                max_len, int),
-          "temperature": _number(body, "temperature", 1.0, 0, 2),
-          "top_p": _number(body, "top_p", 1.0, 1e-6, 1), "n": _number(body, "n", 1, 1, 16, int),
-          "seed": _number(body, "seed", 0, 0, 2**31 - 1, int), "stop": _stops(body)}
-
-
-class Choice:
-  """One row's text so far: tokens in, text out, cut at the first stop string."""
-
-  def __init__(self, tokenizer, stop: list[str]):
-    self.tokenizer, self.stop = tokenizer, stop
-    self.ids, self.sent, self.logprobs, self.finish = [], "", [], None
-
-  def add(self, token: int, logprob: float, top: dict) -> str:
-    """Adds a token; returns the new text that is safe to send (held back while it could
-    still grow into a stop string)."""
-    self.ids.append(token)
-    self.logprobs.append((token, logprob, top))
-    text = self.tokenizer.decode(self.ids)
-    for s in self.stop:
-      if s in text:
-        self.finish = "stop"
-        text = text[:text.index(s)]
-    hold = 0 if self.finish else max((len(s) - 1 for s in self.stop), default=0)
-    ready = text[:max(len(text) - hold, len(self.sent))] if text.startswith(self.sent) else text
-    delta = ready[len(self.sent):]
-    self.sent = ready
-    return delta
-
-  def rest(self) -> str:
-    text = self.tokenizer.decode(self.ids)
-    for s in self.stop:
-      text = text[:text.index(s)] if s in text else text
-    delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-    self.sent = text
-    return delta
 
 
 def _next(events: queue.Queue, timeout: float = 0.5):
@@ -181,20 +85,6 @@ async def _merged(rows, http_request):
   finally:
     for r in rows:
       r.cancelled = True
-
-
-def _logprobs_block(tokenizer, entries, k: int, offset: int = 0) -> dict:
-  """OpenAI completions' logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-  tokens, offsets = [], []
-  for token, _, _ in entries:
-    offsets.append(offset)
-    tokens.append(tokenizer.decode([token]))
-    offset += len(tokens[-1])
-  top = [None if lp is None else {tokenizer.decode([t]): v for t, v in
-                                  sorted(alt.items(), key=lambda kv: -kv[1])[:k]}
-         for _, lp, alt in entries]
-  return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-          "top_logprobs": top, "text_offset": offsets}
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error"):
@@ -312,14 +202,14 @@ def _info_routes(app, served: Served) -> None:
   @app.post("/detokenize")
   async def detokenize(http_request: Request):
     body = await _body(http_request)
-    return {"prompt": tokenizer.decode(_prompts(body.get("tokens"), tokenizer)[0])}
+    return {"prompt": tokenizer.decode(token_prompts(body.get("tokens"), tokenizer)[0])}
 
 
 async def completions(served: Served, http_request: Request):
   tokenizer, name = served.tokenizer, served.name
   body = await _body(http_request)
   s = sampling(body, COMPLETION_KEYS, served.engine.model.cfg.max_len)
-  prompts = _prompts(body.get("prompt"), tokenizer)
+  prompts = token_prompts(body.get("prompt"), tokenizer)
   k = body.get("logprobs")
   if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 5):
     raise BadRequest("'logprobs' must be an integer in [0, 5] (the alternatives per token).")
@@ -333,7 +223,7 @@ async def completions(served: Served, http_request: Request):
     if k is not None:
       entries = [(t, lp, top) for t, (lp, top) in zip(prompts[i // n], scored[i // n])] if \
           scored else []
-      logprobs = _logprobs_block(tokenizer, entries + c.logprobs, k)
+      logprobs = logprobs_block(tokenizer, entries + c.logprobs, k)
     text = (tokenizer.decode(prompts[i // n]) if echo else "") + c.sent
     return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish or "length"}
 
@@ -377,9 +267,9 @@ async def chat_completions(served: Served, http_request: Request):
   def content_logprobs(c):
     if not body.get("logprobs"):
       return None
-    alternatives = lambda top: [{"token": tokenizer.decode([a]), "logprob": v} for a, v in  # noqa
+    alternatives = lambda top: [{"token": piece(tokenizer, a), "logprob": v} for a, v in  # noqa
                                 sorted(top.items(), key=lambda kv: -kv[1])[:top_n]]
-    return {"content": [{"token": tokenizer.decode([t]), "logprob": lp,
+    return {"content": [{"token": piece(tokenizer, t), "logprob": lp,
                          "top_logprobs": alternatives(top)} for t, lp, top in c.logprobs]}
 
   def final(choices):
@@ -396,13 +286,6 @@ async def chat_completions(served: Served, http_request: Request):
                                              "logprobs": None, "finish_reason": finish}]})
 
   return await served.respond(rows, s, body, http_request, chunk, final)
-
-
-def usage(prompts, n, choices) -> dict:
-  prompt_tokens = sum(len(p) for p in prompts) * n
-  completion = sum(len(c.ids) for c in choices)
-  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-          "total_tokens": prompt_tokens + completion}
 
 
 async def _stream(chunks):

@@ -27,7 +27,7 @@ LAYERS = {
     "lmjax.scaling.report": 2,
     "lmjax.sharding": 3, "lmjax.distributed": 3,
     "lmjax.workdir": 4, "lmjax.checkpoint": 4, "lmjax.data": 4, "lmjax.builder": 4,
-    "lmjax.loop": 4, "lmjax.metrics": 4, "lmjax.evaluate": 4, "lmjax.lock": 4, "lmjax.engine": 4,
+    "lmjax.loop": 4, "lmjax.metrics": 4, "lmjax.evaluate": 4, "lmjax.lock": 4, "lmjax.engine": 4, "lmjax.openai_api": 4,
     "lmjax.train": 5, "lmjax.finetune": 5, "lmjax.fit": 5, "lmjax.cli": 5, "lmjax.classifier": 5, "lmjax.generate": 5,
     "lmjax.hf": 5, "lmjax.bench": 5, "lmjax.aot": 5, "lmjax.memory": 5, "lmjax.mup": 5, "lmjax.prune": 5, "lmjax.compress": 5, "lmjax.server": 5, "lmjax.harness": 5, "lmjax.sweep": 5,
     "lmjax.plotting": 5, "lmjax.scaling.plots": 5, "lmjax.commands": 5, "lmjax.__main__": 5,

@@ -68,6 +68,9 @@ def test_quantized_runs_are_smaller_close_in_loss_and_refuse_training(runs):
     assert sizes["params_bytes_after"] < sizes["params_bytes_before"]
     loss = val_loss(runs[f"int{bits}"])
     assert base <= loss * (1 + 1e-3) and loss < base * (1 + budget), (bits, base, loss)
+  from lmjax import generate
+  (text,) = generate.generate_text(runs["int4"], [f"{ANIMALS[0]} {KEYS[0]}"], max_new_tokens=4)
+  assert isinstance(text, str)  # generate reads a quantized run as it is
   _, _, params, _ = builder.load_params(runs["int4"])
   kernel = params["layer_0"]["mlp"]["up"]
   assert "kernel" not in kernel and kernel["kernel_q"].dtype == np.int8
@@ -137,6 +140,11 @@ def test_openai_client_completions_chat_stream_and_logprobs(served, runs):
   chat = client.chat.completions.create(model="tiny", max_tokens=5, temperature=0,
                                         messages=[{"role": "user", "content": prompt}])
   assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+  streamed = list(client.chat.completions.create(
+      model="tiny", max_tokens=5, temperature=0, stream=True,
+      messages=[{"role": "user", "content": prompt}]))
+  assert "".join(c.choices[0].delta.content or "" for c in streamed) == \
+      chat.choices[0].message.content
   a, b = (client.completions.create(model="tiny", prompt=prompt, max_tokens=8, n=3, seed=7,
                                     temperature=1.0) for _ in range(2))
   assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 3
