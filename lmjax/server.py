@@ -32,6 +32,7 @@ from lmjax import engine as engine_lib
 from lmjax import workdir as workdir_lib
 from lmjax.data import chat as chat_lib
 from lmjax.errors import ConfigError, LmjaxError
+from lmjax.metrics import log
 from lmjax.openai_api import (CHAT_KEYS, COMPLETION_KEYS, BadRequest, Choice, logprobs_block,
                               piece, sampling, token_prompts, usage)
 
@@ -300,4 +301,6 @@ def serve(workdir: str, host: str = "127.0.0.1", port: int = 8000, chat_template
   import uvicorn
   engine, tokenizer = load(workdir, chat_template, max_batch)
   name = name or workdir_lib.absolute(workdir).rstrip("/").rsplit("/", 1)[-1]
+  log(f"lmjax serve: model {name!r} at http://{host}:{port}/v1 (completions, chat/completions, "
+      "models; /health); Ctrl-C stops it.")
   uvicorn.run(make_app(engine, tokenizer, name), host=host, port=port, log_level="warning")
