@@ -148,14 +148,3 @@ def test_splash_compiles_for_tpu_and_saves_the_scores():
       assert run.model.cfg.attention == "splash"
       assert "tpu_custom_call" in compiled.as_text()
   assert temps["splash"] < temps["xla"] / 4, temps
-
-
-def test_splash_shards_heads_over_tensor_parallelism_on_tpu():
-  aot, devices = _tpu_devices()
-  cfg = tiny_config("model.style=llama", "model.num_layers=1", "model.d_model=1024",
-                    "model.num_heads=8", "model.num_kv_heads=4", "model.mlp_dim=512",
-                    "data.seq_len=512", "model.max_len=512", "train.batch_size=4",
-                    "model.dtype=bfloat16", "model.attention=splash", "mesh.data=1",
-                    "mesh.fsdp=1", "mesh.tensor=4")
-  r = aot.compile_run(cfg, aot.parse_slice("v5e-4"), ("train",))
-  assert r["attention"] == "splash" and r["steps"]["train"]["fits"]
