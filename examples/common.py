@@ -33,7 +33,9 @@ def command_line(argv, default_config: str):
   p = argparse.ArgumentParser(prog=f"python -m examples.{name}.train",
                               epilog="Override any key of the config with --config.KEY=VALUE.")
   p.add_argument("--workdir", required=True, help="run directory (resumes if it holds a run)")
-  p.add_argument("--config", default=default_config, metavar="FILE.py[:ARG]")
+  p.add_argument("--config", default=default_config, metavar="FILE.py[:ARG]",
+                 help=f"config file (default: {os.path.relpath(default_config)}, which "
+                 "comments every key)")
   args = p.parse_args(rest)
   cfg = config_lib.load_config_file(args.config)
   unknown = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] not in cfg]
@@ -44,22 +46,20 @@ def command_line(argv, default_config: str):
 
 
 def check_workdir(cfg, workdir: str) -> None:
-  """Writes WORKDIR/config.json, or checks that a run already there has this config (bar the
-  REPORTING keys and `steps`, which may grow to train further)."""
+  """Raises unless WORKDIR is new or holds a run of this config (bar the REPORTING keys and
+  `steps`, which may grow to train further). Writes nothing: an example calls it first."""
   path = workdir_lib.config_path(workdir)
-  if path.exists():
-    saved = json.loads(path.read_text())
-    if set(saved) != set(cfg):
-      raise ConfigError(f"{workdir} holds another kind of run ({path} has other keys); pass a "
-                        "new --workdir.")
-    changed = sorted(k for k in set(saved) | set(cfg) if k not in REPORTING + ("steps",) and
-                     saved.get(k) != cfg.to_dict().get(k))
-    if changed:
-      raise ConfigError(f"{workdir} holds a run with another config ({', '.join(changed)} "
-                        f"differ from {path}); pass a new --workdir, or the same config to "
-                        "resume it.")
-  os.makedirs(workdir, exist_ok=True)
-  path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+  if not path.exists():
+    return
+  saved = json.loads(path.read_text())
+  if set(saved) != set(cfg):
+    raise ConfigError(f"{workdir} holds another kind of run ({path} has other keys); pass a "
+                      "new --workdir.")
+  wanted = cfg.to_dict()
+  changed = sorted(k for k in saved if k not in REPORTING + ("steps",) and saved[k] != wanted[k])
+  if changed:
+    raise ConfigError(f"{workdir} holds a run with another config (changed: {', '.join(changed)}; "
+                      f"see {path}); pass a new --workdir, or the same config to resume it.")
 
 
 def describe(step: int, val: dict) -> str:
@@ -74,6 +74,8 @@ def train(cfg, workdir: str, state, step, batch_at, evaluate, stop_at_step: int 
   `stop_at_step` stops early (as a kill would, after that step's checkpoint if it has one).
   Returns (state, the last val metrics)."""
   check_workdir(cfg, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.config_path(workdir).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device), state)
@@ -87,7 +89,7 @@ def train(cfg, workdir: str, state, step, batch_at, evaluate, stop_at_step: int 
     else:  # where it starts
       writer.write(0, "val", **(val := evaluate(state)))
       metrics.log(describe(0, val))
-    rng = jax.random.key(cfg.seed + 1)
+    rng, done = jax.random.key(cfg.seed + 1), start
     for i in range(start, stop_at_step or cfg.steps):
       state, train_metrics = step(state, batch_at(i), jax.random.fold_in(rng, i))
       done = i + 1
@@ -100,7 +102,10 @@ def train(cfg, workdir: str, state, step, batch_at, evaluate, stop_at_step: int 
       if done % cfg.checkpoint_every == 0 or done == cfg.steps:
         saved.save(done, state, {"step": done})
   writer.close()
-  return state, val or evaluate(state)
+  if not val:  # nothing was evaluated on the way: say where it stands
+    val = evaluate(state)
+    metrics.log(describe(done, val))
+  return state, val
 
 
 def main(run, argv, default_config: str) -> None:
@@ -108,7 +113,8 @@ def main(run, argv, default_config: str) -> None:
   try:
     run(*command_line(sys.argv[1:] if argv is None else argv, default_config))
   except LmjaxError as e:
-    sys.exit(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 # --- data and pictures --------------------------------------------------------------------------

@@ -171,11 +171,11 @@ def read(self, name, index=()):
   return out
 files.Tensors.read = read
 out = {}
-for kind, path in DIRS.items():
+for kind, (path, scan) in DIRS.items():
   reads.clear()
-  hf.import_hf(path, path + "_sharded_SCAN", config_overrides=[
-      "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "model.scan_layers=SCAN"])
-  logits = lmjax_logits(path + "_sharded_SCAN", np.tile(TOKENS, (4, 1)))[0][:len(TOKENS)]
+  hf.import_hf(path, path + f"_sharded_{scan}", config_overrides=[
+      "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"model.scan_layers={scan}"])
+  logits = lmjax_logits(path + f"_sharded_{scan}", np.tile(TOKENS, (4, 1)))[0][:len(TOKENS)]
   out[kind] = {"logits": logits.tolist(),
                "whole": sorted({n for n, got, size in reads if got == size}),
                "read": sum(got for _, got, _ in reads), "size": sum(
@@ -184,13 +184,14 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_sharded_import_reads_each_device_block_alone(models, tmp_path, scan):
+def test_sharded_import_reads_each_device_block_alone(models, tmp_path):
   """On fsdp=4 x tensor=2 (8 devices), each device's block of a param is read from the file by
-  itself (not the whole tensor), and the logits are HF's."""
-  dirs = {kind: str(models.hf(kind)[1]) for kind in ("gpt2", "llama_gqa")}
+  itself (not the whole tensor), and the logits are HF's: GPT-2 into unscanned layers, Llama
+  (GQA) into scanned ones (stacked along the layer axis)."""
+  dirs = {kind: (str(models.hf(kind)[1]), scan) for kind, scan in (("gpt2", "false"),
+                                                                    ("llama_gqa", "true"))}
   code = (SHARDED_IMPORT.replace("TESTS", repr(os.path.dirname(__file__)))
-          .replace("DIRS", repr(dirs)).replace("SCAN", str(scan).lower()))
+          .replace("DIRS", repr(dirs)))
   out = run_python(code, devices=8)
   for kind in dirs:
     model = models.hf(kind)[0]

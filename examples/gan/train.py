@@ -120,6 +120,7 @@ def scores(classifier, images_NP, train_NP) -> dict:
 
 
 def run(cfg, workdir: str, stop_at_step: int | None = None) -> dict:
+  common.check_workdir(cfg, workdir)  # before any work
   data = common.digits(cfg.val_fraction, cfg.seed)
   classifier = digit_classifier(data)
   real = scores(classifier, data["val"], data["train"])

@@ -116,6 +116,7 @@ def evaluate(predict, params, rows: dict, batch_size: int) -> dict:
 
 
 def run(cfg, workdir: str, stop_at_step: int | None = None) -> dict:
+  common.check_workdir(cfg, workdir)  # before any work
   data, vocab_size = load_data(cfg)
   model = LSTMClassifier(vocab_size, cfg.embed_dim, cfg.hidden_dim, data.stats["classes"])
   optimizer = optax.adam(cfg.learning_rate)

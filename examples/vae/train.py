@@ -87,6 +87,7 @@ def make_step(cfg, optimizer):
 
 
 def run(cfg, workdir: str, stop_at_step: int | None = None) -> dict:
+  common.check_workdir(cfg, workdir)  # before any work
   data = common.digits(cfg.val_fraction, cfg.seed)
   optimizer = optax.adam(cfg.learning_rate)
   # one fixed noise draw for the val ELBO: the same number for the same params
