@@ -6,8 +6,7 @@ import math
 import jax
 import pytest
 
-from conftest import run_cli
-from lmjax import aot, builder
+from lmjax import aot, builder, commands
 from lmjax import config as config_lib
 from lmjax.errors import ConfigError, LmjaxError
 from lmjax.memory import GiB
@@ -152,16 +151,13 @@ def test_a_mesh_that_does_not_fit_the_slice_is_the_usual_error():
     aot.compile_run(small("mesh.tensor=3", "mesh.fsdp=-1", "mesh.data=1"), aot.parse_slice("v5e-4"), ("train",))
 
 
-def test_the_command_prints_the_report_and_writes_json(tmp_path):
+def test_the_command_prints_the_report_and_writes_json(tmp_path, capsys):
   out = tmp_path / "compile.json"
-  r = run_cli("compile", "--topology=v6e-4", "--steps=train", f"--json={out}",
-              *[f"--config.{o}" for o in TINY])
-  assert r.returncode == 0, r.stderr
-  assert "v6e-4 (v6e:2x2, 1 slice(s)): 4 chips" in r.stdout and "fits" in r.stdout
+  assert commands.run(["compile", "--topology=v6e-4", "--steps=train", f"--json={out}",
+                       *[f"--config.{o}" for o in TINY]]) == 0
+  printed = capsys.readouterr().out
+  assert "v6e-4 (v6e:2x2, 1 slice(s)): 4 chips" in printed and "fits" in printed
   result = json.loads(out.read_text())
   assert set(result["steps"]) == {"train"} and result["steps"]["train"]["memory"]["total"] > 0
-  bad = run_cli("compile", "--topology=v5p-12", "--steps=train")
-  assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
-  assert "v5p-8, v5p-16" in bad.stderr
-
-
+  with pytest.raises(ConfigError, match="v5p-8, v5p-16"):
+    commands.run(["compile", "--topology=v5p-12", "--steps=train"])
