@@ -46,7 +46,6 @@ class Request:
   temperature: float = 0.0
   top_p: float = 1.0
   seed: int = 0
-  stop_ids: tuple = ()
   events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
   cancelled: bool = False
 
@@ -189,7 +188,7 @@ class Engine:
           done[i] = True
           continue
         token = int(tokens[i])
-        if token == self.eos_id or token in r.stop_ids:
+        if token == self.eos_id:
           r.events.put(("done", "stop"))
           done[i] = True
           continue

@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-BITS = {"int8": 8, "int4": 4}
 QMAX = {"int8": 127, "int4": 7}
 
 
