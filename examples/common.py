@@ -55,7 +55,7 @@ def check_workdir(cfg, workdir: str) -> None:
   if set(saved) != set(cfg):
     raise ConfigError(f"{workdir} holds another kind of run ({path} has other keys); pass a "
                       "new --workdir.")
-  wanted = cfg.to_dict()
+  wanted = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples are lists
   changed = sorted(k for k in saved if k not in REPORTING + ("steps",) and saved[k] != wanted[k])
   if changed:
     raise ConfigError(f"{workdir} holds a run with another config (changed: {', '.join(changed)}; "
