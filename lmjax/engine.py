@@ -61,11 +61,18 @@ def _choose(logits_BV, keys_B, step, temperature_B, top_p_B, vocab):
   from `vocab` on (a model's padded vocabulary past the tokenizer's) are never chosen."""
   logp_BV, top_vals, top_ids = _top(logits_BV)  # the model's own, as `score` reports them
   logits_BV = jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab, logits_BV, -jnp.inf)
-  scaled = logits_BV / jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
-  filtered = decode.filter_top_k_top_p(scaled, jnp.int32(0), top_p_B[:, None])
-  keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
-  sampled = jax.vmap(jax.random.categorical)(keys, filtered)
-  tokens_B = jnp.where(temperature_B > 0, sampled, jnp.argmax(logits_BV, -1)).astype(jnp.int32)
+  sampling_B = temperature_B > 0
+
+  def sample(logits_BV):  # only when a row samples; the nucleus's sort only when a row needs it
+    scaled = logits_BV / jnp.where(sampling_B, temperature_B, 1.0)[:, None]
+    scaled = jax.lax.cond(jnp.any(sampling_B & (top_p_B < 1)), lambda x: decode.filter_top_k_top_p(
+        x, jnp.int32(0), top_p_B[:, None]), lambda x: x, scaled)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
+    return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+  sampled = jax.lax.cond(jnp.any(sampling_B), sample,
+                         lambda x: jnp.zeros(x.shape[:1], jnp.int32), logits_BV)
+  tokens_B = jnp.where(sampling_B, sampled, jnp.argmax(logits_BV, -1)).astype(jnp.int32)
   chosen = jnp.take_along_axis(logp_BV, tokens_B[:, None], -1)[:, 0]
   return tokens_B, chosen, top_vals, top_ids
 

@@ -184,6 +184,30 @@ def test_filter_top_k_top_p():
   assert set(np.asarray(tokens_B).tolist()) == {1, 3}
 
 
+def test_the_servers_per_row_choice():
+  """engine._choose: per-row greedy / temperature / nucleus in one batch; the nucleus's sort and
+  the sampling are skipped (lax.cond) when no row needs them, with the same choices."""
+  from lmjax import engine
+  probs = jnp.array([0.05, 0.5, 0.15, 0.3, 0.0])
+  logits_BV = jnp.tile(jnp.log(probs + 1e-9), (600, 1)).at[:, 4].set(10.0)  # id 4: past vocab
+  keys_B = jax.random.split(jax.random.key(0), 600)
+  choose = jax.jit(engine._choose)
+  rows = lambda t, p: (jnp.full(600, t), jnp.full(600, p))  # noqa: E731
+  tokens = lambda t, p: np.asarray(choose(logits_BV, keys_B, 1, *rows(t, p), 4)[0])  # noqa: E731
+  assert set(tokens(0.0, 1.0).tolist()) == {1}  # greedy, and the padded id 4 is never chosen
+  sampled = tokens(1.0, 1.0)
+  assert set(sampled.tolist()) == {0, 1, 2, 3}
+  assert abs(np.mean(sampled == 1) - 0.5) < 0.07
+  assert set(tokens(1.0, 0.75).tolist()) == {1, 3}
+  # one batch of mixed rows gives each row what it gives alone
+  temperature_B = jnp.array([0.0, 1.0, 1.0] * 200)
+  top_p_B = jnp.array([1.0, 1.0, 0.75] * 200)
+  mixed = np.asarray(choose(logits_BV, keys_B, 1, temperature_B, top_p_B, 4)[0])
+  assert (mixed[0::3] == 1).all() and (mixed[1::3] == sampled[1::3]).all()
+  assert set(mixed[2::3].tolist()) <= {1, 3}
+  assert (mixed[2::3] == tokens(1.0, 0.75)[2::3]).all()
+
+
 def test_no_recompilation_per_token_and_rope_past_max_len(monkeypatch):
   model, params = tiny("llama_gqa_scan")
   traces, original_step = [], decode.decode_step
