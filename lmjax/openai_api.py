@@ -72,34 +72,51 @@ def sampling(body, keys: set, max_len: int) -> dict:
 
 
 class Choice:
-  """One row's text so far: tokens in, text out, cut at the first stop string."""
+  """One row's text so far: tokens in, text out, cut at the first stop string.
+
+  Decodes incrementally, as vLLM and Hugging Face's TextStreamer do: each token decodes only a
+  short window of the latest ids (the ids since the last complete text, after a few already
+  shown), and the new text is what that window adds to the window without the newest ids. The
+  cost per token stays constant instead of growing with the completion; a token that ends in the
+  middle of a character (byte-level BPE, SentencePiece byte fallback) waits for the rest."""
 
   def __init__(self, tokenizer, stop: list[str]):
     self.tokenizer, self.stop = tokenizer, stop
     self.ids, self.sent, self.logprobs, self.finish = [], "", [], None
+    self.text, self._prefix, self._read = "", 0, 0  # decoded text; window: ids[_prefix:]
 
   def add(self, token: int, logprob: float, top: dict) -> str:
     """Adds a token; returns the new text that is safe to send (held back while it could
     still grow into a stop string)."""
     self.ids.append(token)
     self.logprobs.append((token, logprob, top))
-    text = self.tokenizer.decode(self.ids)
-    for s in self.stop:
-      if s in text:
-        self.finish = "stop"
-        text = text[:text.index(s)]
+    if self.finish:
+      return ""
+    before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+    window = self.tokenizer.decode(self.ids[self._prefix:])
+    if len(window) > len(before) and not window.endswith("\ufffd"):
+      searched = len(self.text)
+      self.text += window[len(before):]
+      self._prefix, self._read = self._read, len(self.ids)
+      for s in self.stop:  # only where a stop string could end in the new text
+        at = self.text.find(s, max(0, searched - len(s) + 1))
+        if at >= 0:
+          self.finish, self.text = "stop", self.text[:at]
     hold = 0 if self.finish else max((len(s) - 1 for s in self.stop), default=0)
-    ready = text[:max(len(text) - hold, len(self.sent))] if text.startswith(self.sent) else text
-    delta = ready[len(self.sent):]
-    self.sent = ready
-    return delta
+    return self._send(self.text[:max(len(self.text) - hold, len(self.sent))])
 
   def rest(self) -> str:
+    """The text not sent yet, at the end. `sent` becomes all the ids decoded at once, cut at the
+    stop: the whole text, also for a decoder whose output for a token depends on more than the
+    window (e.g. WordPiece's clean-up of spaces before punctuation)."""
     text = self.tokenizer.decode(self.ids)
     for s in self.stop:
       text = text[:text.index(s)] if s in text else text
-    delta = text[len(self.sent):] if text.startswith(self.sent) else ""
-    self.sent = text
+    return self._send(text)
+
+  def _send(self, ready: str) -> str:
+    delta = ready[len(self.sent):] if ready.startswith(self.sent) else ""
+    self.sent = ready
     return delta
 
 

@@ -171,3 +171,62 @@ def test_tokenizer_errors(tmp_path):
   cfg = tiny_config(f"data.tokenizer={tmp_path / 'empty'}")
   with pytest.raises(DataError, match="data.tokenizer=.* holds no tokenizer"):
     tokenizer_lib.resolve_tokenizer(cfg, str(tmp_path / "x"))
+
+
+def _cut(text, stop):
+  at = [text.index(s) for s in stop if s in text]
+  return text[:min(at)] if at else text
+
+
+@pytest.mark.parametrize("kind", ["byte_bpe", "bpe", "llama_sentencepiece"])
+def test_streamed_text_decodes_incrementally_as_the_whole_ids_do(tmp_path, kind):
+  """lmjax's byte-level BPE and SentencePiece, and a SentencePiece model as Llama's is made (a
+  space prepended to the text, dropped again from the first piece when decoding). Text, random ids
+  (tokens ending mid-character: byte-level BPE, SentencePiece byte fallback) and stop strings: after each token, the deltas `Choice.add` sent add up to the whole ids
+  decoded and cut at the first stop string, all of it less the tail that could still begin a
+  stop string whenever that text ends in a whole character; with `rest()`, exactly that text."""
+  from lmjax.openai_api import Choice
+  if kind == "byte_bpe":
+    path = train_byte_bpe(tmp_path)
+  elif kind == "llama_sentencepiece":
+    import sentencepiece as spm
+    corpus = write_corpus(tmp_path / "corpus")
+    spm.SentencePieceTrainer.train(
+        input=",".join(str(f) for f in sorted(corpus.iterdir())), model_prefix=str(tmp_path / "sp"),
+        vocab_size=400, model_type="bpe", byte_fallback=True, add_dummy_prefix=True,
+        minloglevel=2)
+    path = str(tmp_path / "sp.model")
+  else:
+    corpus = write_corpus(tmp_path / "corpus")
+    assert commands.run(["tokenizer", "train", "--config=configs/quickstart.py",
+                         f"--workdir={tmp_path / 'run'}", f"--config.data.source=text:{corpus}/*.txt",
+                         "--config.data.vocab_size=400", "--config.model.vocab_size=512"]) == 0
+    path = str(tmp_path / "run" / "data" / "tokenizer.model")
+  tok = tokenizer_lib.load_tokenizer(path)
+  rng = np.random.default_rng(0)
+  sequences = tok.encode(TEXTS[:3]) + [[int(i) for i in rng.integers(0, tok.vocab_size, 60)]
+                                       for _ in range(20)]
+  checked = partial = 0
+  for ids in sequences:
+    whole = tok.decode(ids)
+    for stop in ([], ["\n"], ["return", "😀"], [whole[len(whole) // 2:][:3]]):
+      if any(not s.strip() or "\ufffd" in s for s in stop):
+        continue
+      hold = max((len(s) - 1 for s in stop), default=0)
+      c, streamed = Choice(tok, stop), ""
+      for n in range(len(ids)):
+        streamed += c.add(ids[n], 0.0, {})
+        now = _cut(tok.decode(ids[:n + 1]), stop)
+        assert streamed == c.sent and now.startswith(streamed)
+        if c.finish:
+          assert streamed == now
+          break
+        if now.endswith("\ufffd"):
+          partial += 1
+        else:
+          assert len(streamed) >= len(now) - hold, (streamed, now)
+      streamed += c.rest()
+      assert streamed == c.sent == _cut(whole, stop)
+      assert c.finish == ("stop" if any(s in whole for s in stop) else None)
+      checked += 1
+  assert checked > 50 and partial > 0
