@@ -74,11 +74,11 @@ def sampling(body, keys: set, max_len: int) -> dict:
 class Choice:
   """One row's text so far: tokens in, text out, cut at the first stop string.
 
-  Decodes incrementally, as vLLM and Hugging Face's TextStreamer do: each token decodes only a
-  short window of the latest ids (the ids since the last complete text, after a few already
-  shown), and the new text is what that window adds to the window without the newest ids. The
-  cost per token stays constant instead of growing with the completion; a token that ends in the
-  middle of a character (byte-level BPE, SentencePiece byte fallback) waits for the rest."""
+  Decodes incrementally, as vLLM does: each token decodes only the ids since the text was last
+  whole, after the ids shown just before them as context, and the new text is what the newest ids
+  add to that context's text. The cost per token stays constant instead of growing with the
+  completion; a token that ends in the middle of a character (byte-level BPE, SentencePiece byte
+  fallback) waits for the rest."""
 
   def __init__(self, tokenizer, stop: list[str]):
     self.tokenizer, self.stop = tokenizer, stop
